@@ -1,0 +1,57 @@
+"""``seftkit`` entry point. Commands load lazily so ``seftkit verify`` starts without importing torch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+from seftkit import __version__
+
+# name -> (module, one-line help). Command modules import heavy libraries inside the command body only.
+COMMANDS = {
+    "prune": ("seftkit.cli.prune", "Prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)."),
+    "repair": ("seftkit.cli.repair", "Repair a sparse model with SEFT (or a baseline) without losing sparsity."),
+    "verify": ("seftkit.cli.verify", "Prove a model folder is sparse (reads safetensors; no torch needed)."),
+    "bench": ("seftkit.cli.bench", "Measure sparse vs dense inference speed on this machine."),
+    "export": ("seftkit.cli.export", "Export a sparse model as CSR, compressed-tensors or ONNX."),
+    "eval": ("seftkit.cli.eval", "Perplexity and zero-shot multiple-choice accuracy, offline."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, short_help = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        command = getattr(module, name.replace("-", "_"))
+        command.short_help = short_help
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="seftkit")
+def cli() -> None:
+    """seftkit: prune, repair (SEFT), verify, benchmark and export sparse LLMs.
+
+    Models are Hugging Face folders (safetensors) or the built-in offline model `smollm2-135m`.
+    Exit codes: 0 ok, 1 check failed (verify), 2 bad input.
+    """
+
+
+def main() -> None:
+    cli(prog_name="seftkit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Writers for sparse formats other tools read: CSR, compressed-tensors, ONNX."""

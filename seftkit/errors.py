@@ -1,0 +1,18 @@
+"""Errors a user can act on.
+
+Anything raised as :class:`SeftkitError` reaches the CLI as one line on stderr and exit code 2, with no
+traceback: the message must say what was wrong with the input and, where possible, how to fix it.
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SeftkitError(Exception):
+    """Bad input or an unrecoverable condition the user caused or can fix (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class DivergenceError(SeftkitError):
+    """Training produced a non-finite loss; the last good checkpoint is kept."""

