@@ -148,7 +148,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
         )
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SeftkitError(f"cannot load model from {path}: {first}") from None
     model.to(resolve_device(device)).eval()

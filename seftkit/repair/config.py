@@ -1,0 +1,49 @@
+"""Every repair knob in one dataclass: the CLI, the Python API, checkpoints and reports share it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seftkit.data import DEFAULT_TRAIN_TEXT
+
+METHODS = ("seft", "seft-no-revive", "lora-prune", "masked-lora", "static")
+DROP_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class RepairConfig:
+    method: str = "seft"
+    # data and optimisation
+    data: str = DEFAULT_TRAIN_TEXT
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    seqlen: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    # trainable budget: k_l = delta_density * numel, or r * (in + out) (a rank-r LoRA's parameter count)
+    delta_density: float | None = None
+    lora_rank_equivalent: int | None = 8
+    # SEFT topology evolution (see shared SEFT-SPEC.md)
+    update_interval: int = 20
+    accumulation_steps: int = 5
+    drop_rate: float = 0.2
+    drop_schedule: str = "cosine"
+    init: str = "grad"  # "grad": largest accumulated |dW| before the first step; "random"
+    revive: bool = True  # False for seft-no-revive: growth confined to the active set
+    # target sparsity pattern: None keeps each layer's current nnz; nm keeps N:M
+    nm: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    # evaluation before/after
+    eval_ppl: str | None = None
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    # runtime
+    device: str = "auto"
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int | None = None
+    log_every: int = 10
