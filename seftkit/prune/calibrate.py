@@ -1,0 +1,194 @@
+"""The layer-by-layer calibration loop shared by every pruner that looks at activations (Wanda, SparseGPT).
+
+Instead of re-implementing each architecture's forward pass (what breaks research code on every transformers
+release), the model itself runs up to its first decoder block, where a forward pre-hook records exactly what
+the model passes in (hidden states, attention mask, rotary ``position_embeddings``, ...) and stops the forward.
+From then on only one block is live at a time: its target linears' inputs are summarised by forward hooks,
+the linears are pruned, and the block is run again so that the next block sees the *pruned* outputs.
+Activations for all calibration samples are held once (in the model dtype, on the compute device or on the
+CPU), updated in place block by block, so memory does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from seftkit.models import find_linears
+from seftkit.sparsity.targets import TargetRule
+
+Statistic = Callable[[torch.Tensor], torch.Tensor]
+"""An additive summary of a batch of linear inputs ``[tokens, in]`` (summed over batches, then averaged)."""
+
+PruneLinear = Callable[[str, nn.Module, torch.Tensor], None]
+"""Prunes one linear in place given its full name and the mean of its input statistic."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are recorded: nothing after it needs to run."""
+
+
+@dataclass
+class BlockInputs:
+    """The inputs of the current decoder block for every calibration sample.
+
+    ``hidden`` is ``[nsamples, seqlen, hidden]``; ``extras`` maps a batch size to the other positional and keyword
+    arguments the model passed to its blocks for a batch of that size (masks and rotary embeddings depend on the
+    batch shape only, never on the layer, so at most two sizes ever occur: full batches and the last one).
+    """
+
+    hidden: torch.Tensor
+    extras: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    batch_size: int
+    device: torch.device
+
+    def batches(self) -> Iterator[tuple[slice, torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
+        total = self.hidden.shape[0]
+        for start in range(0, total, self.batch_size):
+            rows = slice(start, min(start + self.batch_size, total))
+            args, kwargs = self.extras[rows.stop - rows.start]
+            yield rows, self.hidden[rows].to(self.device), args, kwargs
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def activation_device(device: torch.device, numel: int, dtype: torch.dtype) -> torch.device:
+    """Keep activations next to the model unless they would take more than a quarter of its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = numel * torch.empty((), dtype=dtype).element_size()
+    return device if needed < free // 4 else torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the model on ``windows`` ``[n, seqlen]`` up to ``first_block`` and record what it receives."""
+    device = model_device(model)
+    state: dict[str, Any] = {"hidden": None, "rows": None}
+    extras: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if state["hidden"] is None:
+            shape = (windows.shape[0], *hidden.shape[1:])
+            store = activation_device(device, int(torch.Size(shape).numel()), hidden.dtype)
+            state["hidden"] = torch.empty(shape, dtype=hidden.dtype, device=store)
+        state["hidden"][state["rows"]] = hidden.to(state["hidden"].device)
+        extras.setdefault(hidden.shape[0], (tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            state["rows"] = slice(start, min(start + batch_size, windows.shape[0]))
+            try:
+                model(windows[state["rows"]].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=state["hidden"], extras=extras, batch_size=batch_size, device=device)
+
+
+class InputStatistics:
+    """Sums a statistic of each hooked linear's inputs over all calibration tokens.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one computation per batch: the statistic is
+    computed for the first of them and only added for the others.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], statistic: Statistic) -> None:
+        self.statistic = statistic
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                self._last = (x, self.statistic(x.reshape(-1, x.shape[-1])))
+            update = self._last[1]
+            if name in self.sums:
+                self.sums[name] += update
+            else:
+                self.sums[name] = update.clone()
+            self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
+
+        return hook
+
+    def end_batch(self) -> None:
+        """Forget the cached input so it can be freed (and never matched by identity again)."""
+        self._last = None
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / self.tokens[name]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module, inputs: BlockInputs, write_back: bool, after_batch: Callable[[], None] | None = None
+) -> None:
+    """Run every calibration batch through ``block``; with ``write_back`` its outputs replace its inputs."""
+    for rows, hidden, args, kwargs in inputs.batches():
+        out = block(hidden, *args, **kwargs)
+        if write_back:
+            out = out[0] if isinstance(out, tuple) else out
+            inputs.hidden[rows] = out.to(inputs.hidden.device)
+        if after_batch is not None:
+            after_batch()
+
+
+@torch.no_grad()
+def prune_blockwise(
+    model: nn.Module,
+    layers_name: str,
+    layers: nn.ModuleList,
+    windows: torch.Tensor,
+    rule: TargetRule,
+    statistic: Statistic,
+    prune_linear: PruneLinear,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> int:
+    """Prune the target linears of every decoder block from statistics of their (already pruned) inputs.
+
+    Returns the peak resident memory in bytes sampled after each block (psutil RSS).
+    """
+    process = psutil.Process()
+    inputs = capture_block_inputs(model, layers[0], windows, batch_size)
+    peak_rss = process.memory_info().rss
+    for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
+        prefix = f"{layers_name}.{index}."
+        linears = find_linears(block, rule, prefix=prefix)
+        if linears:
+            stats = InputStatistics(linears, statistic)
+            try:
+                run_block(block, inputs, write_back=False, after_batch=stats.end_batch)
+            finally:
+                stats.remove()
+            for name, module in linears.items():
+                prune_linear(prefix + name, module, stats.mean(name))
+            del stats
+        if index + 1 < len(layers):
+            run_block(block, inputs, write_back=True)
+        peak_rss = max(peak_rss, process.memory_info().rss)
+    return peak_rss
