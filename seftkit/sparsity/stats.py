@@ -19,6 +19,7 @@ class TensorStats:
     zeros: int
     nm_ok: bool | None = None
     nm_first_violation: tuple[int, int] | None = None  # (row, first input column of the bad group)
+    nm_violations: int | None = None  # how many groups have fewer than N zeros
 
     @property
     def sparsity(self) -> float:
@@ -36,18 +37,36 @@ def zero_stats(
     zeros = int(np.count_nonzero(zero))
     stats = TensorStats(name=name, shape=tuple(zero.shape), numel=int(zero.size), zeros=zeros)
     if pattern is not None and pattern.is_nm:
-        rows = zero.T if transposed else zero
-        out_features, in_features = rows.shape
+        in_features = zero.shape[0] if transposed else zero.shape[1]
         if in_features % pattern.m:
             stats.nm_ok = False
             stats.nm_first_violation = (0, in_features - in_features % pattern.m)
         else:
-            per_group = rows.reshape(out_features, in_features // pattern.m, pattern.m).sum(axis=2)
-            bad = np.argwhere(per_group < pattern.n)
-            stats.nm_ok = bad.size == 0
-            if bad.size:
-                stats.nm_first_violation = (int(bad[0][0]), int(bad[0][1]) * pattern.m)
+            bad = group_zero_counts(zero, pattern.m, transposed) < pattern.n  # [out, in // m]
+            stats.nm_violations = int(np.count_nonzero(bad))
+            stats.nm_ok = stats.nm_violations == 0
+            if not stats.nm_ok:
+                row, group = divmod(int(np.argmax(bad)), bad.shape[1])
+                stats.nm_first_violation = (row, group * pattern.m)
     return stats
+
+
+def group_zero_counts(zero: np.ndarray, m: int, transposed: bool = False) -> np.ndarray:
+    """Zeros in each group of ``m`` consecutive inputs, as an [out, in // m] array.
+
+    Adds the ``m`` members of every group with one vectorised pass each: numpy's ``sum`` over a tiny last
+    axis is about ten times slower, and verify streams whole checkpoints through this.
+    """
+    if transposed:  # [in, out]: a group is m consecutive rows
+        groups = zero.reshape(zero.shape[0] // m, m, zero.shape[1])
+        members = [groups[:, k] for k in range(m)]
+    else:
+        groups = zero.reshape(zero.shape[0], zero.shape[1] // m, m)
+        members = [groups[..., k] for k in range(m)]
+    counts = members[0].astype(np.min_scalar_type(m))
+    for member in members[1:]:
+        counts += member
+    return counts.T if transposed else counts
 
 
 @dataclass
