@@ -1,0 +1,260 @@
+// Sparse weight x dense activation products for decode-size batches on CPU.
+//
+// Weight format ("bitmap"): for every output row, one keep-bit per input column (uint32 words, bit j of word w
+// is column 32*w + j) and the kept values packed in column order. Row r's values start at row_ptr[r]. N:M
+// weights use the same layout: for 2:4 the 4-bit group mask *is* the in-group position code (1 bit/weight),
+// so one kernel serves both. Bytes per weight = (1 - sparsity) * sizeof(value) + 1/8.
+//
+// The products are memory bound at batch 1, so the kernels expand the packed values back into dense vector
+// registers (AVX-512 VBMI2 vpexpand, or a permute table on AVX2) and multiply with the dense activation
+// block: the work per weight is constant and there are no gathers. Activations are padded with zeros to a
+// whole number of 32-column words, so the padded tail needs no special case (its keep-bits are zero).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// Instruction-set levels, best last. The Python side may cap the level (tests, fallbacks).
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+constexpr int64_t kWordBits = 32;
+constexpr int64_t kBatchTile = 4;  // activation rows that share one decoded weight row (registers)
+constexpr int64_t kRowBlock = 32;  // output rows per block, re-read from L1/L2 across batch tiles
+
+int64_t cpu_isa() {
+  __builtin_cpu_init();
+  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vbmi2");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return kAvx512Bf16;
+  if (avx512) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kPortable;
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+inline float load_value(const float* p) { return *p; }
+inline float load_value(const uint16_t* p) { return bf16_to_float(*p); }
+
+// One output row for `B` activation rows: y[b] = sum_c w[c] * x[b][c].
+struct RowArgs {
+  const uint32_t* bits;  // this row's keep-bits
+  int64_t words;
+  const void* values;    // this row's first kept value
+  const void* x;         // activation row 0 (fp32, or bf16 for kAvx512Bf16), stride x_stride elements
+  int64_t x_stride;
+  float* y;              // output row 0 at this column, stride y_stride
+  int64_t y_stride;
+};
+
+template <typename V, int B>
+void row_portable(const RowArgs& a) {
+  const V* v = static_cast<const V*>(a.values);
+  const float* x = static_cast<const float*>(a.x);
+  float acc[B] = {};
+  for (int64_t w = 0; w < a.words; ++w) {
+    for (uint32_t m = a.bits[w]; m; m &= m - 1) {
+      int64_t col = w * kWordBits + __builtin_ctz(m);
+      float value = load_value(v++);
+      for (int b = 0; b < B; ++b) acc[b] += value * x[b * a.x_stride + col];
+    }
+  }
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = acc[b];
+}
+
+// AVX2: 8 columns at a time. The table maps an 8-bit keep mask to the permutation that moves the next
+// popcount(mask) packed values into their columns; lanes whose bit is clear are zeroed afterwards.
+struct ExpandTable {
+  alignas(32) std::array<std::array<int32_t, 8>, 256> perm{};
+  ExpandTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane) perm[mask][lane] = (mask >> lane & 1) ? next++ : 0;
+    }
+  }
+};
+const ExpandTable kExpand;
+
+__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+template <typename V, int B>
+__attribute__((target("avx2,fma"))) void row_avx2(const RowArgs& a) {
+  const V* v = static_cast<const V*>(a.values);
+  const float* x = static_cast<const float*>(a.x);
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256 acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+  for (int64_t w = 0; w < a.words; ++w) {
+    uint32_t word = a.bits[w];
+    for (int part = 0; part < 4; ++part, word >>= 8) {
+      uint32_t mask = word & 0xFF;
+      if (!mask) continue;
+      __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm[mask].data()));
+      __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(mask), lane_bits), lane_bits);
+      // Reads 8 values even when fewer are kept: packed values end with padding (formats.VALUE_PAD).
+      __m256 dense = _mm256_and_ps(_mm256_permutevar8x32_ps(load8_avx2(v), perm), _mm256_castsi256_ps(keep));
+      v += __builtin_popcount(mask);
+      int64_t col = w * kWordBits + part * 8;
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(dense, _mm256_loadu_ps(x + b * a.x_stride + col), acc[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    a.y[b * a.y_stride] = _mm_cvtss_f32(s);
+  }
+}
+
+#define SEFTKIT_AVX512 "avx512f,avx512bw,avx512vbmi2,fma"
+
+template <int B>
+__attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
+  const float* v = static_cast<const float*>(a.values);
+  const float* x = static_cast<const float*>(a.x);
+  __m512 acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < a.words; ++w) {
+    uint32_t word = a.bits[w];
+    __mmask16 lo = static_cast<__mmask16>(word), hi = static_cast<__mmask16>(word >> 16);
+    __m512 v0 = _mm512_maskz_expandloadu_ps(lo, v);
+    v += __builtin_popcount(lo);
+    __m512 v1 = _mm512_maskz_expandloadu_ps(hi, v);
+    v += __builtin_popcount(hi);
+    const float* xc = x + w * kWordBits;
+    for (int b = 0; b < B; ++b) {
+      acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * a.x_stride), acc[b]);
+      acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * a.x_stride + 16), acc[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+}
+
+// bf16 weights, fp32 activations: expand 32 bf16 values, widen to two fp32 vectors, FMA.
+template <int B>
+__attribute__((target(SEFTKIT_AVX512))) void row_avx512_bf16(const RowArgs& a) {
+  const uint16_t* v = static_cast<const uint16_t*>(a.values);
+  const float* x = static_cast<const float*>(a.x);
+  __m512 acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < a.words; ++w) {
+    uint32_t word = a.bits[w];
+    __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
+    v += __builtin_popcount(word);
+    __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(packed)), 16));
+    __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(packed, 1)), 16));
+    const float* xc = x + w * kWordBits;
+    for (int b = 0; b < B; ++b) {
+      acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * a.x_stride), acc[b]);
+      acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * a.x_stride + 16), acc[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+}
+
+// bf16 weights and bf16 activations: one vdpbf16ps does 32 multiply-adds (exact bf16 products, fp32 sums).
+template <int B>
+__attribute__((target(SEFTKIT_AVX512 ",avx512bf16"))) void row_avx512_dpbf16(const RowArgs& a) {
+  const uint16_t* v = static_cast<const uint16_t*>(a.values);
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  __m512 acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < a.words; ++w) {
+    uint32_t word = a.bits[w];
+    __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
+    v += __builtin_popcount(word);
+    const uint16_t* xc = x + w * kWordBits;
+    for (int b = 0; b < B; ++b) {
+      __m512i xb = _mm512_loadu_si512(xc + b * a.x_stride);
+      acc[b] = _mm512_dpbf16_ps(acc[b], reinterpret_cast<__m512bh&>(packed), reinterpret_cast<__m512bh&>(xb));
+    }
+  }
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+}
+
+using RowFn = void (*)(const RowArgs&);
+
+template <int B>
+RowFn pick_row(int64_t isa, bool bf16) {
+  switch (isa) {
+    case kAvx512Bf16: return bf16 ? row_avx512_dpbf16<B> : row_avx512_f32<B>;
+    case kAvx512: return bf16 ? row_avx512_bf16<B> : row_avx512_f32<B>;
+    case kAvx2: return bf16 ? row_avx2<uint16_t, B> : row_avx2<float, B>;
+    default: return bf16 ? row_portable<uint16_t, B> : row_portable<float, B>;
+  }
+}
+
+RowFn pick(int64_t isa, bool bf16, int64_t batch) {
+  switch (batch) {
+    case 1: return pick_row<1>(isa, bf16);
+    case 2: return pick_row<2>(isa, bf16);
+    case 3: return pick_row<3>(isa, bf16);
+    default: return pick_row<4>(isa, bf16);
+  }
+}
+
+// y[B, out] = x[B, in] @ W.T for a bitmap-packed W; runs at min(isa, what this CPU supports).
+torch::Tensor bitmap_matmul(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& bits,
+                            const torch::Tensor& row_ptr, int64_t in_features, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [batch, ", in_features, "]");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
+              "values must be float32 or bfloat16");
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.is_contiguous(), "bits must be int32 [out, words]");
+  const int64_t out_features = bits.size(0), words = bits.size(1);
+  TORCH_CHECK(words * kWordBits >= in_features && (words - 1) * kWordBits < in_features, "bits has the wrong width");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.numel() == out_features + 1, "row_ptr must be int64 [out+1]");
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
+  isa = std::min(isa, cpu_isa());
+  // The bf16 dot product needs bf16 activations; fp32 activations keep their precision on the FMA path.
+  if (isa == kAvx512Bf16 && x.scalar_type() != at::kBFloat16) isa = kAvx512;
+  const bool bf16_x = bf16 && isa == kAvx512Bf16;
+  const int64_t batch = x.size(0), padded = words * kWordBits;
+  auto xp = at::constant_pad_nd(x.to(bf16_x ? at::kBFloat16 : at::kFloat), {0, padded - in_features}).contiguous();
+  auto y = torch::empty({batch, out_features}, x.options().dtype(at::kFloat));
+  const auto* bits_p = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
+  const auto* ptr_p = row_ptr.data_ptr<int64_t>();
+  const char* values_p = static_cast<const char*>(values.data_ptr());
+  const char* x_p = static_cast<const char*>(xp.data_ptr());
+  const int64_t value_size = values.element_size(), x_size = xp.element_size();
+  float* y_p = y.data_ptr<float>();
+  at::parallel_for(0, out_features, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
+      for (int64_t b0 = 0; b0 < batch; b0 += kBatchTile) {
+        const int64_t tile = std::min(kBatchTile, batch - b0);
+        RowFn fn = pick(isa, bf16, tile);
+        for (int64_t r = r0; r < r1; ++r) {
+          RowArgs args{bits_p + r * words, words, values_p + ptr_p[r] * value_size,
+                       x_p + b0 * padded * x_size, padded, y_p + b0 * out_features + r, out_features};
+          fn(args);
+        }
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_isa", &cpu_isa, "Best kernel level this CPU supports: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16");
+  m.def("bitmap_matmul", &bitmap_matmul, "x @ W.T for a bitmap-packed sparse W",
+        py::arg("x"), py::arg("values"), py::arg("bits"), py::arg("row_ptr"), py::arg("in_features"),
+        py::arg("isa"));
+}

@@ -1,0 +1,119 @@
+"""``SparseLinear``: an ``nn.Linear`` replacement that runs on the native bitmap kernels.
+
+``sparsify_model`` swaps the targeted linears of a Hugging Face model in place, so ``model.generate()``
+runs on the kernels with no other change. A layer is only swapped when its compressed form streams fewer
+bytes than the dense weight (that is where the speed comes from); when the kernels cannot be built, the
+model stays dense with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from seftkit.errors import SeftkitError
+from seftkit.kernels.build import Isa, kernel_isa, native
+from seftkit.kernels.formats import BitmapWeight, dense_bytes_per_weight, pack_bitmap, pack_nm
+from seftkit.models import linear_weight, target_linears
+from seftkit.sparsity.masks import nm_valid
+from seftkit.sparsity.targets import TargetRule
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nm", "unstructured", "dense", "cuda24")
+# "auto" keeps a layer dense unless the sparse form streams at most this fraction of the dense bytes:
+# near density 1 the bitmap costs more than it saves.
+AUTO_MAX_BYTE_RATIO = 0.8
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with W stored bitmap-packed; the packed tensors are non-persistent buffers."""
+
+    def __init__(self, packed: BitmapWeight, bias: torch.Tensor | None = None, isa: Isa | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.nm = packed.nm
+        self.isa = kernel_isa(isa)
+        self.register_buffer("values", packed.values, persistent=False)
+        self.register_buffer("bits", packed.bits, persistent=False)
+        self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, nm: tuple[int, int] | None = None,
+                    isa: Isa | None = None) -> SparseLinear:
+        weight = linear_weight(module).detach()
+        packed = pack_nm(weight, *nm) if nm else pack_bitmap(weight)
+        return cls(packed, getattr(module, "bias", None), isa)
+
+    @property
+    def packed(self) -> BitmapWeight:
+        return BitmapWeight(self.values, self.bits, self.row_ptr, (self.out_features, self.in_features), self.nm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = native()
+        if module is None:  # built once but gone (cannot happen in one process); keep the error clear
+            raise SeftkitError("native sparse kernels are not available")
+        flat = x.reshape(-1, self.in_features)
+        y = module.bitmap_matmul(flat, self.values, self.bits, self.row_ptr, self.in_features, int(self.isa))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"{self.packed.bytes_per_weight:.3f} B/weight, isa={self.isa.name.lower()}")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _worth_packing(weight: torch.Tensor) -> bool:
+    density = float(weight.ne(0).float().mean())
+    sparse_bytes = density * weight.element_size() + 1 / 8
+    return sparse_bytes <= AUTO_MAX_BYTE_RATIO * dense_bytes_per_weight(weight.dtype)
+
+
+def sparsify_model(model: nn.Module, backend: str = "auto", nm: tuple[int, int] = (2, 4),
+                   rule: TargetRule | None = None, isa: Isa | None = None) -> nn.Module:
+    """Swap the targeted linears for sparse kernels, in place; returns ``model``.
+
+    ``auto``: CUDA 2:4 when the model is on a GPU that supports it, else the CPU kernels for every layer
+    that is N:M (``nm``) or sparse enough to stream fewer bytes. ``nm`` requires every targeted layer to be
+    ``nm`` sparse; ``unstructured`` packs every targeted layer; ``dense`` changes nothing; ``cuda24`` uses
+    PyTorch's semi-structured kernels (see :mod:`seftkit.kernels.cuda24`).
+    """
+    if backend not in BACKENDS:
+        raise SeftkitError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    linears = target_linears(model, rule)
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if backend == "dense" or not linears:
+        return model
+    if backend == "cuda24" or (backend == "auto" and on_cuda):
+        from seftkit.kernels.cuda24 import sparsify_cuda24
+
+        return sparsify_cuda24(model, linears)
+    if backend == "nm":
+        for name, module in linears.items():
+            if not nm_valid(linear_weight(module), *nm):
+                raise SeftkitError(f"{name} is not {nm[0]}:{nm[1]} sparse; use backend 'unstructured'")
+    if native() is None:
+        warnings.warn("seftkit: sparse kernels unavailable; the model stays dense", RuntimeWarning, stacklevel=2)
+        return model
+    chosen_isa = kernel_isa(isa)
+    swapped = 0
+    for name, module in linears.items():
+        weight = linear_weight(module).detach()
+        if backend == "auto" and not _worth_packing(weight):
+            continue
+        layer_nm = nm if backend == "nm" or (backend == "auto" and nm_valid(weight, *nm)) else None
+        _set_module(model, name, SparseLinear.from_linear(module, layer_nm, chosen_isa))
+        swapped += 1
+    log.debug("sparsify_model: %d of %d linears on %s kernels", swapped, len(linears), chosen_isa.name.lower())
+    return model
