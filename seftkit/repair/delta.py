@@ -1,0 +1,180 @@
+"""A frozen linear plus a trainable sparse delta: ``y = x (W + scatter(I, d))^T + b``.
+
+Only the ``k`` delta values ``d`` are trained, so the optimizer holds state for ``k`` numbers, not for the
+matrix. The custom autograd function keeps training memory O(k) per layer besides the frozen weight:
+
+* forward builds the effective weight ``T`` transiently and saves only ``x``, ``W``, ``I`` and ``d``;
+* backward recomputes ``T`` for the input gradient and forms the dense weight gradient ``dW`` only
+  transiently, gathering ``grad_d = dW.flatten()[I]`` from it (the SpIEL recipe).
+
+While a layer is in "accumulate" mode (the passes before a SEFT topology update) backward also hands the
+transient ``dW`` and ``T`` to the layer's ``grad_hook``, which keeps O(k) statistics of them (growth
+candidates and sensitivities, see :mod:`seftkit.repair.evolution`).
+
+The only O(out*in) state a :class:`SparseDeltaLinear` adds to the frozen weight is its ``active`` mask (a bool
+tensor, 1 byte per weight): the positions allowed to be non-zero, which SEFT evolves and ``merge`` applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seftkit.models import linear_weight
+
+GradHook = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called in backward as ``hook(dW, T)`` with the transient dense [out, in] weight gradient and effective weight."""
+
+_INT32_LIMIT = 2**31
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Flat indices are stored as int32 where they fit (half the memory of int64) and widened for compute."""
+    return torch.int32 if numel < _INT32_LIMIT else torch.int64
+
+
+def effective_weight(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``W + scatter(I, d)`` as a new contiguous [out, in] tensor in ``dtype``.
+
+    The sum at the delta positions is formed in at least fp32 and rounded once, so a bf16 ``W`` plus a small
+    fp32 ``d`` does not lose ``d`` to a bf16 addition. ``indices`` must be unique (SEFT slots always are).
+    """
+    out_features, in_features = weight.shape
+    result = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
+    result.copy_(weight)
+    idx = indices.long()
+    base = weight[idx // in_features, idx % in_features]  # a gather that also works for transposed views
+    wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
+    result.view(-1)[idx] = (base.to(wide) + values.to(wide)).to(dtype)
+    return result
+
+
+class SparseDeltaFunction(torch.autograd.Function):
+    """Autograd for ``F.linear(x, W + scatter(I, d), b)`` that never saves a dense [out, in] tensor."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        grad_hook: GradHook | None,
+    ) -> torch.Tensor:
+        effective = effective_weight(weight, indices, values, x.dtype)
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.grad_hook = grad_hook
+        ctx.has_bias = bias is not None
+        return F.linear(x, effective, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, indices, values = ctx.saved_tensors
+        need_x, _, need_bias, _, need_values, _ = ctx.needs_input_grad
+        grad_y = grad_y.to(x.dtype)
+        hook = ctx.grad_hook
+        grad_x = grad_bias = grad_values = None
+        effective = None
+        if need_x or hook is not None:
+            effective = effective_weight(weight, indices, values, x.dtype)
+        if need_x:
+            grad_x = grad_y.matmul(effective)
+        if need_values or hook is not None:
+            dense_grad = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+            if need_values:
+                grad_values = dense_grad.view(-1)[indices.long()].to(values.dtype)
+            if hook is not None:
+                hook(dense_grad, effective)
+            del dense_grad
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None, grad_values, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Honour autocast (e.g. bf16 on CUDA) like nn.Linear does; otherwise compute in the input's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class SparseDeltaLinear(nn.Module):
+    """Wraps a linear (``nn.Linear`` or GPT-2 ``Conv1D``) whose weight stays frozen, adding ``k`` trainable
+    fp32 delta values at flat [out, in] positions ``indices``.
+
+    ``indices`` (int32 where they fit) and ``active`` are buffers; ``values`` is the only parameter.
+    ``grad_hook`` is set by the owner (SEFT) only while it accumulates statistics for a topology update.
+    """
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        super().__init__()
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.base = base
+        weight = linear_weight(base)
+        if indices.dim() != 1 or (indices.numel() and int(indices.max()) >= weight.numel()):
+            raise ValueError(f"indices must be flat positions into a {tuple(weight.shape)} weight")
+        self.register_buffer("indices", indices.to(device=weight.device, dtype=index_dtype(weight.numel())))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
+        if active is None:
+            active = weight != 0
+        self.register_buffer("active", active.to(device=weight.device, dtype=torch.bool))
+        self.grad_hook: GradHook | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight as an [out, in] view."""
+        return linear_weight(self.base)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return SparseDeltaFunction.apply(
+                x.to(dtype), self.weight, self.base.bias, self.indices, self.values, self.grad_hook
+            )
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``(W + scatter(I, d)) * active`` in fp32, [out, in]."""
+        merged = effective_weight(self.weight, self.indices, self.values, torch.float32)
+        return merged.mul_(self.active)
+
+    @torch.no_grad()
+    def clear_weights(self, positions: torch.Tensor) -> None:
+        """Set the base weight to zero at flat positions (positions SEFT removed from the active set)."""
+        positions = positions.long()
+        self.weight[positions // self.in_features, positions % self.in_features] = 0
+
+    @torch.no_grad()
+    def merge_into_base(self) -> nn.Module:
+        """Write the merged weight into the base module and return it (frozen flags are left to the caller)."""
+        self.weight.copy_(self.merged_weight())
+        return self.base
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.values.numel()}"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule called ``name`` (dotted full name) is; return the old one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

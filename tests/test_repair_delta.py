@@ -1,0 +1,161 @@
+"""The sparse-delta linear: parity with a dense reference, gradcheck, autocast, and O(k) saved state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from seftkit.models import linear_weight
+from seftkit.repair.delta import SparseDeltaFunction, SparseDeltaLinear, effective_weight, replace_module
+
+OUT, IN, K = 6, 8, 10
+
+
+def _layer(kind: str = "linear", dtype: torch.dtype = torch.float32, seed: int = 0) -> SparseDeltaLinear:
+    torch.manual_seed(seed)
+    base = Conv1D(OUT, IN) if kind == "conv1d" else nn.Linear(IN, OUT)
+    with torch.no_grad():
+        base.weight.normal_()
+        base.bias.normal_()
+        linear_weight(base)[:, ::2] = 0  # pruned half
+    base.to(dtype)
+    indices = torch.randperm(OUT * IN)[:K]
+    layer = SparseDeltaLinear(base, indices)
+    with torch.no_grad():
+        layer.values.normal_()
+    return layer
+
+
+def _dense_reference(layer: SparseDeltaLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, input grad and delta grad computed with an ordinary dense fp32 weight."""
+    x = x.detach().clone().requires_grad_(True)
+    delta = layer.values.detach().clone().requires_grad_(True)
+    weight = linear_weight(layer.base).detach().float()
+    effective = weight.reshape(-1).index_add(0, layer.indices.long(), delta).reshape(weight.shape)
+    y = torch.nn.functional.linear(x, effective, layer.base.bias.detach().float())
+    y.pow(2).sum().backward()
+    return y.detach(), x.grad, delta.grad
+
+
+def _sparse(layer: SparseDeltaLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    layer.values.grad = None
+    y = layer(x)
+    y.pow(2).sum().backward()
+    return y.detach(), x.grad, layer.values.grad
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_matches_dense_reference_fp32(kind):
+    layer = _layer(kind)
+    x = torch.randn(2, 3, IN)
+    for got, want in zip(_sparse(layer, x), _dense_reference(layer, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer.base.weight.grad is None
+
+
+def test_matches_dense_reference_with_bf16_weight():
+    layer = _layer(dtype=torch.bfloat16)
+    x = torch.randn(2, 3, IN)
+    y, grad_x, grad_d = _sparse(layer, x)
+    assert y.dtype == torch.float32 and grad_d.dtype == torch.float32
+    for got, want in zip((y, grad_x, grad_d), _dense_reference(layer, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_weight_keeps_small_delta_exactly_at_its_position():
+    # W + d is formed in fp32 and rounded once, so a tiny d on a large bf16 W is not lost before rounding
+    weight = torch.full((1, 1), 256.0, dtype=torch.bfloat16)
+    indices = torch.tensor([0])
+    assert effective_weight(weight, indices, torch.tensor([1.5]), torch.bfloat16).item() == 258.0
+    assert effective_weight(weight, indices, torch.tensor([1.5]), torch.float32).item() == 257.5
+
+
+def test_autocast_computes_in_bf16_and_keeps_delta_fp32():
+    layer = _layer()
+    x = torch.randn(4, IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert layer.values.grad.dtype == torch.float32
+    want = _dense_reference(layer, x)
+    torch.testing.assert_close(y.float(), want[0], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(layer.values.grad, want[2], rtol=5e-2, atol=5e-1)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(1)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([0, 5, 7, 11], dtype=torch.int32)
+    values = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, bias, values):
+        return SparseDeltaFunction.apply(x, weight, bias, indices, values, None)
+
+    assert torch.autograd.gradcheck(fn, (x, bias, values))
+
+
+def test_hook_receives_the_dense_weight_gradient_and_effective_weight():
+    layer = _layer()
+    x = torch.randn(5, IN)
+    seen = {}
+    layer.grad_hook = lambda grad, effective: seen.update(grad=grad.clone(), effective=effective.clone())
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    torch.testing.assert_close(seen["grad"], grad_y.t() @ x)
+    weight = linear_weight(layer.base).detach().clone()
+    weight.view(-1)[layer.indices.long()] += layer.values.detach()
+    torch.testing.assert_close(seen["effective"], weight)
+    torch.testing.assert_close(layer.values.grad, seen["grad"].view(-1)[layer.indices.long()])
+
+
+def test_nothing_dense_is_saved_for_backward_besides_the_weight():
+    layer = _layer()
+    weight = linear_weight(layer.base)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(torch.randn(3, IN, requires_grad=True)).sum().backward()
+    dense = [t for t in saved if t.numel() >= OUT * IN]
+    assert len(dense) == 1 and dense[0].data_ptr() == weight.data_ptr()
+    # the module's own O(out*in) state: the frozen weight and the 1-byte active mask, nothing else
+    tensors = [*layer.parameters(), *layer.buffers()]
+    big = [t for t in tensors if t.numel() >= OUT * IN]
+    assert len(big) == 2
+    assert any(t.data_ptr() == layer.base.weight.data_ptr() for t in big)
+    assert any(t.dtype == torch.bool and t.shape == (OUT, IN) for t in big)
+    assert layer.values.shape == (K,) and layer.indices.dtype == torch.int32
+
+
+def test_frozen_base_active_mask_and_replace_module():
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[0] = 0
+    wrapped = SparseDeltaLinear(model[0], torch.arange(K))
+    assert replace_module(model, "0", wrapped) is wrapped.base
+    assert model[0] is wrapped
+    assert not wrapped.base.weight.requires_grad and wrapped.values.requires_grad
+    assert int(wrapped.active.sum()) == OUT * IN - IN
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["0.values"]
+
+
+def test_merge_and_clear_write_through_conv1d_views():
+    layer = _layer("conv1d")
+    expected = effective_weight(layer.weight, layer.indices, layer.values, torch.float32) * layer.active
+    layer.clear_weights(torch.tensor([0, 2]))  # already pruned (even columns): nothing changes
+    base = layer.merge_into_base()
+    assert isinstance(base, Conv1D)
+    torch.testing.assert_close(base.weight.t(), expected.detach())
+    assert base.weight[3, 1] != 0
+    layer.clear_weights(torch.tensor([IN + 3]))  # row 1, input 3 of the [out, in] view
+    assert base.weight[3, 1] == 0 and int((base.weight == 0).sum()) == int((expected == 0).sum()) + 1
