@@ -1,0 +1,199 @@
+"""SEFT topology evolution for one layer: drop, grow, adapt (see the shared SEFT-SPEC.md).
+
+Every position is a flat index into the row-major [out, in] weight. A layer's topology is its ``k`` slot
+positions ``indices`` (where the trainable delta lives) and its ``active`` mask (where the merged weight may
+be non-zero). The functions here are plain tensor code, one layer at a time, so each rule is tested on
+hand-built tensors; :mod:`seftkit.repair.seft` drives them across a model.
+
+Statistics stay O(k) in memory: during the accumulation window, the first backward pass fixes a set of
+candidate positions (:func:`top_positions` / :func:`bottom_positions` on the transient dense gradient) and
+later passes only add to their scores (:class:`Candidates`), as SpIEL does.
+
+Ties are always broken by position (lower flat index first), so the same statistics give the same topology.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CANDIDATE_FACTOR = 2
+CANDIDATE_MARGIN = 16
+
+
+def drop_fraction(t: int, total: int, p0: float, schedule: str) -> float:
+    """Fraction of slots replaced at step ``t`` of ``total``: cosine p0*(1+cos(pi*t/T))/2, linear p0*(1-t/T)
+    or constant p0 (annealing lets the topology settle as training converges)."""
+    progress = min(max(t / total, 0.0), 1.0) if total > 0 else 1.0
+    if schedule == "cosine":
+        return p0 * (1.0 + math.cos(math.pi * progress)) / 2.0
+    if schedule == "linear":
+        return p0 * (1.0 - progress)
+    if schedule == "constant":
+        return p0
+    raise ValueError(f"unknown drop schedule {schedule!r}")
+
+
+def candidate_count(n: int, available: int) -> int:
+    """How many positions to track for ``n`` picks: twice as many plus a margin, so the ranking can still
+    change over the window and the picks that later steps exclude (adapt) never run out."""
+    return min(available, CANDIDATE_FACTOR * n + CANDIDATE_MARGIN)
+
+
+def _sorted_order(scores: torch.Tensor, descending: bool) -> torch.Tensor:
+    return torch.argsort(scores, descending=descending, stable=True)
+
+
+def smallest_slots(magnitudes: torch.Tensor, n: int) -> torch.Tensor:
+    """Slot numbers of the ``n`` smallest ``magnitudes`` (|d|), ties by slot number: the DROP rule."""
+    return _sorted_order(magnitudes, descending=False)[:n]
+
+
+def top_positions(scores: torch.Tensor, count: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted flat positions of the ``count`` largest ``scores`` among ``eligible`` ones (bool, same shape)."""
+    return _extreme_positions(scores, count, eligible, largest=True)
+
+
+def bottom_positions(scores: torch.Tensor, count: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted flat positions of the ``count`` smallest ``scores`` among ``eligible`` ones (bool, same shape)."""
+    return _extreme_positions(scores, count, eligible, largest=False)
+
+
+def _extreme_positions(
+    scores: torch.Tensor, count: int, eligible: torch.Tensor | None, largest: bool
+) -> torch.Tensor:
+    flat = scores.reshape(-1).float()
+    if eligible is not None:
+        eligible = eligible.reshape(-1)
+        flat = flat.masked_fill(~eligible, -math.inf if largest else math.inf)
+        count = min(count, int(eligible.sum()))
+    count = min(count, flat.numel())
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    return torch.sort(torch.topk(flat, count, largest=largest, sorted=False).indices).values
+
+
+@dataclass
+class Candidates:
+    """Positions fixed at the first pass of a window, and their scores summed over the window's passes."""
+
+    positions: torch.Tensor  # int64, sorted ascending, unique
+    scores: torch.Tensor  # fp32, same length
+
+    @classmethod
+    def at(cls, positions: torch.Tensor) -> Candidates:
+        return cls(positions, torch.zeros(positions.numel(), dtype=torch.float32, device=positions.device))
+
+    def add(self, dense: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Add ``|dense * scale|`` gathered at the candidate positions (``dense``/``scale`` shaped [out, in])."""
+        gathered = dense.reshape(-1)[self.positions].float()
+        if scale is not None:
+            gathered = gathered * scale.reshape(-1)[self.positions].float()
+        self.scores += gathered.abs()
+
+    def ranked(self, descending: bool = True) -> torch.Tensor:
+        """Positions by score (largest first unless ``descending=False``), ties by position."""
+        return self.positions[_sorted_order(self.scores, descending)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"positions": self.positions, "scores": self.scores}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> Candidates:
+        return cls(state["positions"], state["scores"])
+
+
+def first_not_in(pool: torch.Tensor, excluded: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` entries of ``pool`` (in order) that are not in ``excluded``."""
+    return pool[~torch.isin(pool, excluded)][:count]
+
+
+@dataclass
+class EvolutionStep:
+    """What one boundary changed in a layer; ``repurposed`` slots need zero values and fresh optimizer state."""
+
+    repurposed: torch.Tensor  # slot numbers, sorted
+    removed: torch.Tensor  # positions taken out of the active set (their base weight must become 0)
+    dropped: int
+    grown: int
+    revived: int  # grown positions that were outside the active set
+
+    @property
+    def removed_count(self) -> int:
+        return int(self.removed.numel())
+
+
+def evolve_layer(
+    indices: torch.Tensor,
+    magnitudes: torch.Tensor,
+    active: torch.Tensor,
+    grow: Candidates,
+    sensitivity: Candidates | None,
+    n: int,
+) -> EvolutionStep:
+    """One topology update of one layer, in place on ``indices`` (int64 slot positions) and ``active`` (flat).
+
+    1. DROP the ``n`` slots with the smallest ``magnitudes`` (|d|).
+    2. GROW them at the ``n`` best ``grow`` candidates (largest accumulated |dW|; the candidates are non-slot
+       positions, chosen inside ``active`` unless reviving). Should the candidates run out (tiny layers), the
+       dropped positions themselves are reused, so ``|I| = k`` always holds.
+    3. ADAPT (only with ``sensitivity``): grown positions outside ``active`` join it; as many active positions
+       leave it, those with the smallest accumulated |T * g| that were not grown in this step. Slots sitting
+       on removed positions move to the best remaining candidates inside ``active`` (or, failing those, to
+       dropped positions that are still active), so ``|active|`` and ``|I|`` are unchanged.
+
+    With ``n = k`` and magnitudes all equal this is also SEFT's initial slot choice.
+    """
+    k = indices.numel()
+    n = min(n, k)
+    dropped_slots = torch.sort(smallest_slots(magnitudes, n)).values
+    dropped_positions = indices[dropped_slots].clone()
+    ranked = grow.ranked()
+    pool = torch.cat([ranked, first_not_in(dropped_positions, ranked, n)])
+    survivors = _others(indices, dropped_slots)
+    grown = first_not_in(pool, survivors, n)
+    indices[dropped_slots] = grown
+    step = EvolutionStep(dropped_slots, _empty_like(indices), dropped=n, grown=n, revived=0)
+    if sensitivity is None:
+        return step
+
+    revived = grown[~active[grown]]
+    step.revived = int(revived.numel())
+    if not step.revived:
+        return step
+    active[revived] = True
+    removable = first_not_in(sensitivity.ranked(descending=False), grown, step.revived)
+    if removable.numel() < step.revived:
+        raise RuntimeError("sensitivity candidates ran out; candidate_count must cover the grown positions")
+    active[removable] = False
+    step.removed = torch.sort(removable).values
+    displaced_slots = torch.nonzero(torch.isin(indices, removable)).flatten()
+    if displaced_slots.numel():
+        refill_pool = pool[active[pool]]
+        refill = first_not_in(refill_pool, indices, displaced_slots.numel())
+        if refill.numel() < displaced_slots.numel():
+            raise RuntimeError("no active position left to refill displaced slots; k must not exceed |active|")
+        indices[displaced_slots] = refill
+        step.repurposed = torch.unique(torch.cat([dropped_slots, displaced_slots]))
+    return step
+
+
+def _others(indices: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device)
+    keep[slots] = False
+    return indices[keep]
+
+
+def _empty_like(indices: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=indices.device)
+
+
+def reset_optimizer_entries(optimizer: torch.optim.Optimizer, param: torch.Tensor, entries: torch.Tensor) -> None:
+    """Zero the per-element optimizer state (AdamW exp_avg, exp_avg_sq, ...) of repurposed ``entries`` of
+    ``param``; scalar state such as AdamW's per-tensor ``step`` is shared and left alone."""
+    state = optimizer.state.get(param, {})
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[entries] = 0

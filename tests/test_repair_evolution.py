@@ -1,0 +1,178 @@
+"""Drop, grow and adapt on hand-built tensors: each rule picks exactly what the spec says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seftkit.repair.evolution import (
+    Candidates,
+    bottom_positions,
+    candidate_count,
+    drop_fraction,
+    evolve_layer,
+    reset_optimizer_entries,
+    smallest_slots,
+    top_positions,
+)
+from seftkit.sparsity.masks import nm_mask, nm_valid
+
+
+def _candidates(scores: dict[int, float]) -> Candidates:
+    positions = torch.tensor(sorted(scores), dtype=torch.long)
+    return Candidates(positions, torch.tensor([scores[int(p)] for p in positions], dtype=torch.float32))
+
+
+def test_drop_fraction_schedules():
+    assert drop_fraction(0, 100, 0.2, "cosine") == pytest.approx(0.2)
+    assert drop_fraction(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert drop_fraction(25, 100, 0.2, "cosine") == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
+    assert drop_fraction(100, 100, 0.2, "cosine") == pytest.approx(0.0)
+    assert drop_fraction(25, 100, 0.2, "linear") == pytest.approx(0.15)
+    assert drop_fraction(70, 100, 0.2, "constant") == 0.2
+    with pytest.raises(ValueError, match="unknown drop schedule"):
+        drop_fraction(1, 10, 0.2, "step")
+
+
+def test_candidate_count_is_twice_plus_margin_capped_by_availability():
+    assert candidate_count(10, 1000) == 36
+    assert candidate_count(10, 20) == 20
+    assert candidate_count(0, 5) == 5
+
+
+def test_drop_picks_smallest_magnitudes_ties_by_slot():
+    magnitudes = torch.tensor([0.5, 0.1, 0.3, 0.1, 0.9, 0.3])
+    assert smallest_slots(magnitudes, 3).tolist() == [1, 3, 2]
+    assert smallest_slots(magnitudes, 0).tolist() == []
+
+
+def test_top_and_bottom_positions_respect_eligibility():
+    scores = torch.tensor([[5.0, 1.0, 4.0], [3.0, 9.0, 2.0]])
+    eligible = torch.tensor([[True, True, True], [True, False, True]])
+    assert top_positions(scores, 2, eligible).tolist() == [0, 2]  # 9 is not eligible
+    assert top_positions(scores, 2).tolist() == [0, 4]
+    assert bottom_positions(scores, 2, eligible).tolist() == [1, 5]
+    assert top_positions(scores, 10, eligible).tolist() == [0, 1, 2, 3, 5]  # capped by what is eligible
+
+
+def test_candidates_accumulate_only_their_positions():
+    candidates = Candidates.at(torch.tensor([1, 4]))
+    candidates.add(torch.tensor([[1.0, -2.0, 3.0], [4.0, -5.0, 6.0]]))
+    candidates.add(torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]), scale=torch.full((2, 3), -3.0))
+    assert candidates.scores.tolist() == [5.0, 8.0]
+    assert candidates.ranked().tolist() == [4, 1]
+    assert candidates.ranked(descending=False).tolist() == [1, 4]
+
+
+def test_grow_takes_the_largest_accumulated_non_slots():
+    indices = torch.tensor([0, 3, 5, 9])
+    magnitudes = torch.tensor([0.5, 0.01, 0.02, 0.7])  # slots 1 and 2 (positions 3 and 5) are dropped
+    active = torch.ones(12, dtype=torch.bool)
+    grow = _candidates({1: 0.3, 2: 0.9, 6: 0.5, 7: 0.1})
+    step = evolve_layer(indices, magnitudes, active, grow, None, n=2)
+    assert indices.tolist() == [0, 2, 6, 9]  # the two best candidates, in rank order, into slots 1 and 2
+    assert step.repurposed.tolist() == [1, 2]
+    assert (step.dropped, step.grown, step.revived, step.removed_count) == (2, 2, 0, 0)
+    assert active.all()
+
+
+def test_grow_reuses_dropped_positions_when_candidates_run_out():
+    indices = torch.tensor([0, 3, 5])
+    step = evolve_layer(indices, torch.tensor([0.1, 0.2, 0.3]), torch.ones(8, dtype=torch.bool),
+                        _candidates({7: 1.0}), None, n=2)
+    assert indices.tolist() == [7, 0, 5]
+    assert step.repurposed.tolist() == [0, 1]
+
+
+def test_adapt_removes_smallest_sensitivity_never_a_grown_position():
+    # 2x4 layer; active = positions 0..3 (row 0), row 1 pruned
+    active = torch.tensor([True] * 4 + [False] * 4)
+    indices = torch.tensor([0, 1, 3])
+    magnitudes = torch.tensor([0.9, 0.1, 0.05])  # slots 1 and 2 (positions 1 and 3) are dropped
+    grow = _candidates({5: 3.0, 2: 1.0, 6: 0.5})
+    # 5 and 2 are the least sensitive but were grown in this step; 3 is the next smallest
+    sensitivity = _candidates({5: 0.0, 2: 0.01, 3: 0.02, 0: 0.5, 1: 0.04})
+    step = evolve_layer(indices, magnitudes, active, grow, sensitivity, n=2)
+    assert indices.tolist() == [0, 5, 2]
+    assert step.revived == 1 and step.removed.tolist() == [3]
+    assert active.nonzero().flatten().tolist() == [0, 1, 2, 5]
+
+
+def test_adapt_moves_slots_that_sit_on_removed_positions_inside_the_active_set():
+    active = torch.tensor([True] * 4 + [False] * 4)
+    indices = torch.tensor([0, 1, 2])
+    magnitudes = torch.tensor([0.05, 0.9, 0.8])  # slot 0 dropped
+    grow = _candidates({6: 5.0, 3: 1.0, 7: 0.5})
+    sensitivity = _candidates({2: 0.001, 1: 0.5, 3: 0.6})  # slot 2's position 2 is the least sensitive
+    step = evolve_layer(indices, magnitudes, active, grow, sensitivity, n=1)
+    assert step.revived == 1 and step.removed.tolist() == [2]
+    # slot 0 grew at 6 (revived); slot 2 lost position 2 and refills at the best active candidate, 3
+    assert indices.tolist() == [6, 1, 3]
+    assert step.repurposed.tolist() == [0, 2]
+    assert active.nonzero().flatten().tolist() == [0, 1, 3, 6]
+    assert all(active[indices])
+
+
+def test_initial_choice_is_the_top_k_then_adapt():
+    # n = k with equal magnitudes: every placeholder slot is replaced by the k best candidates
+    active = torch.tensor([True, True, True, False, False, True])
+    indices = torch.tensor([0, 1])
+    grow = _candidates({i: s for i, s in enumerate([0.1, 0.2, 0.3, 0.9, 0.05, 0.8])})
+    sensitivity = _candidates({0: 0.3, 1: 0.1, 2: 0.2, 5: 0.0})
+    step = evolve_layer(indices, torch.zeros(2), active, grow, sensitivity, n=2)
+    assert indices.tolist() == [3, 5]
+    assert step.revived == 1 and step.removed.tolist() == [1]  # 5 is grown, so 1 goes
+    assert int(active.sum()) == 4
+
+
+@pytest.mark.parametrize("revive", [True, False])
+def test_random_rounds_keep_k_slots_and_the_active_count(revive):
+    torch.manual_seed(0)
+    rows, cols, k = 8, 16, 20
+    weight = torch.randn(rows, cols)
+    active = nm_mask(weight.abs(), 2, 4).reshape(-1)
+    start = active.clone()
+    target = int(active.sum())
+    indices = torch.nonzero(active).flatten()[torch.randperm(target)[:k]]
+    for _ in range(6):
+        grad = torch.randn(rows, cols)
+        n = 5
+        eligible = torch.ones(rows * cols, dtype=torch.bool)
+        eligible[indices] = False
+        inside = top_positions(grad.abs(), candidate_count(n, target), eligible & active)
+        if revive:
+            anywhere = top_positions(grad.abs(), candidate_count(n, rows * cols), eligible)
+            grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
+            sensitivity = Candidates.at(bottom_positions((weight * grad).abs(), candidate_count(n, target), active))
+            sensitivity.add(weight * grad)
+        else:
+            grow = Candidates.at(inside)
+            sensitivity = None
+        grow.add(grad)
+        evolve_layer(indices, torch.rand(k), active, grow, sensitivity, n)
+        assert indices.numel() == k and indices.unique().numel() == k
+        assert int(active.sum()) == target
+        assert active[indices].all()
+    if revive:
+        assert (active & ~start).any()
+    else:
+        assert torch.equal(active, start)
+        assert nm_valid(active.reshape(rows, cols).float(), 2, 4)
+
+
+def test_reset_optimizer_entries_zeroes_only_repurposed_slots():
+    param = torch.nn.Parameter(torch.zeros(5))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.arange(1.0, 6.0)
+    optimizer.step()
+    state = optimizer.state[param]
+    before = {key: value.clone() for key, value in state.items()}
+    reset_optimizer_entries(optimizer, param, torch.tensor([1, 3]))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key][[1, 3]].eq(0).all()
+        torch.testing.assert_close(state[key][[0, 2, 4]], before[key][[0, 2, 4]])
+        assert before[key][[1, 3]].ne(0).all()
+    assert torch.equal(state["step"], before["step"])
+    reset_optimizer_entries(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), param, torch.tensor([0]))
