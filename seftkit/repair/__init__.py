@@ -1,0 +1,57 @@
+"""``seftkit repair``: recover the quality a pruned model lost without giving up its sparsity.
+
+:func:`repair_model` repairs a loaded model in place with SEFT or a baseline (one training loop for all, see
+:mod:`seftkit.repair.trainer`); :func:`repair_checkpoint` is load -> repair -> save for the CLI, writing an
+ordinary HF folder with ``seft_report.json`` only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from seftkit.repair.checkpoint import checkpoint_dir_for
+from seftkit.repair.config import RepairConfig
+from seftkit.repair.report import REPORT_NAME, RepairReport
+from seftkit.repair.trainer import check_config, make_method, method_registry, repair_model
+
+
+def repair_checkpoint(
+    model_spec: str | os.PathLike,
+    config: RepairConfig,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RepairReport:
+    """Load -> repair -> save ``out`` atomically; checkpoints go to ``<out>.ckpt`` (removed after success).
+
+    Everything cheap is checked before the model loads (options, method name, output path), and the input
+    folder is only ever read. ``stop_after`` ends the run after that many steps, leaving only the checkpoint
+    (as a kill would), which ``resume`` continues from.
+    """
+    import shutil
+
+    from seftkit.io import atomic_dir, check_output_path, write_json
+    from seftkit.models import load_model, resolve_device, save_model
+
+    check_config(config)
+    make_method(config)  # unknown method names fail before the model loads
+    out_path = check_output_path(out, overwrite, inputs=(model_spec,))
+    ckpt = checkpoint_dir_for(out_path) if config.checkpoint_every or resume else None
+    model, tokenizer = load_model(model_spec, device=resolve_device(config.device), dtype=config.dtype)
+    report = repair_model(model, tokenizer, config, checkpoint_dir=ckpt, resume=resume, progress=progress,
+                          stop_after=stop_after)
+    if report.sparsity_after is None:  # stopped early on purpose: the checkpoint is the result
+        return report
+    report.output = str(out_path)
+    with atomic_dir(out_path, overwrite) as tmp:
+        save_model(model, tokenizer, tmp)
+        write_json(tmp / REPORT_NAME, report)
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return report
+
+
+__all__ = ["REPORT_NAME", "RepairConfig", "RepairReport", "checkpoint_dir_for", "method_registry",
+           "repair_checkpoint", "repair_model"]

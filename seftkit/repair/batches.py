@@ -1,0 +1,106 @@
+"""Training micro-batches for repair, in a fixed, seeded order.
+
+Micro-batch ``i`` is a pure function of (data, tokenizer, seed, ``i``): every method sees the same tokens in the
+same order, and resuming a run needs only the index of the next micro-batch, not a saved iterator.
+
+Two kinds of data:
+- plain text (default ``olmo:lambada:train``): ``seqlen`` token windows drawn with the run seed, loss on
+  every token;
+- a multiple-choice task (``olmo:piqa`` ...): the task's ``train`` split as instruction/answer pairs, loss only
+  on the answer tokens, so the ``heldout`` questions that evaluation uses are never trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from seftkit.data import OLMO_TASK_DIRS, load_texts, token_windows
+from seftkit.errors import SeftkitError
+
+IGNORE_INDEX = -100  # label value the causal LM loss skips (prompt and padding tokens)
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor  # 1-D long
+    labels: torch.Tensor  # 1-D long, IGNORE_INDEX where no loss is taken
+
+
+class TrainBatches:
+    """Seeded micro-batches cycling over a list of examples (a fresh permutation per pass)."""
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_token_id: int, seed: int) -> None:
+        if not examples:
+            raise SeftkitError("the training data produced no examples")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _example(self, position: int) -> Example:
+        epoch, offset = divmod(position, len(self.examples))
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders[epoch] = torch.randperm(len(self.examples), generator=generator).tolist()
+        return self.examples[self._orders[epoch][offset]]
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``labels`` of micro-batch ``index``, right-padded."""
+        rows = [self._example(index * self.batch_size + j) for j in range(self.batch_size)]
+        width = max(row.input_ids.numel() for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = row.input_ids.numel()
+            input_ids[i, :n] = row.input_ids
+            labels[i, :n] = row.labels
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def is_task_data(spec: str) -> bool:
+    """``olmo:<task>`` names a multiple-choice task; anything else is text."""
+    parts = spec.split(":")
+    return len(parts) == 2 and parts[0] == "olmo" and parts[1] in OLMO_TASK_DIRS
+
+
+def text_examples(tokenizer: Any, spec: str, seqlen: int, count: int, seed: int) -> list[Example]:
+    """``count`` seeded windows of ``seqlen`` tokens; the loss covers every token."""
+    windows = token_windows(tokenizer, load_texts(spec), seqlen, nsamples=count, seed=seed, random=True)
+    return [Example(input_ids=w, labels=w.clone()) for w in windows]
+
+
+def task_examples(tokenizer: Any, task: str, seqlen: int) -> list[Example]:
+    """The task's ``train`` questions as prompt + correct answer (+ EOS); loss only on the answer and EOS.
+
+    Prompt and answer are tokenized separately and joined, so the label boundary is exact; rows longer than
+    ``seqlen`` lose the start of their prompt, never the answer.
+    """
+    from seftkit.eval.tasks import load_task
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for item in load_task(task, split="train"):
+        prompt = tokenizer(item.contexts[item.gold], add_special_tokens=False).input_ids
+        answer = tokenizer(item.continuations[item.gold], add_special_tokens=False).input_ids + eos
+        ids = torch.tensor(prompt + answer, dtype=torch.long)[-seqlen:]
+        labels = ids.clone()
+        labels[: max(ids.numel() - len(answer), 0)] = IGNORE_INDEX
+        examples.append(Example(input_ids=ids, labels=labels))
+    return examples
+
+
+def build_batches(tokenizer: Any, spec: str, seqlen: int, batch_size: int, micro_batches: int,
+                  seed: int) -> TrainBatches:
+    """The micro-batch source for a run that consumes ``micro_batches`` micro-batches."""
+    if is_task_data(spec):
+        examples = task_examples(tokenizer, spec.split(":")[1], seqlen)
+    else:
+        examples = text_examples(tokenizer, spec, seqlen, micro_batches * batch_size, seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainBatches(examples, batch_size, int(pad or 0), seed)

@@ -1,0 +1,104 @@
+"""Resumable repair checkpoints in ``<out>.ckpt/``, written atomically (a kill never leaves a torn one).
+
+A checkpoint holds what an uninterrupted run would still have in memory after step ``step``: the trainable
+values, the method's own state (SEFT's indices and masks), the optimizer, every RNG, the loss curve and events.
+The data position is the step itself (micro-batches are a pure function of their index, see ``batches``).
+The config is stored too, and a resume under a different config is refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seftkit.errors import SeftkitError
+from seftkit.io import atomic_dir
+from seftkit.repair.config import RepairConfig
+from seftkit.repair.method import RepairMethod
+
+STATE_FILE = "state.pt"
+# Fields that may change between a run and its resume without changing the result.
+RUNTIME_FIELDS = frozenset({"device", "checkpoint_every", "log_every", "eval_ppl", "eval_tasks", "eval_limit"})
+
+
+def checkpoint_dir_for(out: str | Path) -> Path:
+    """``<out>.ckpt`` next to the output folder."""
+    out = Path(out).expanduser().resolve()
+    return out.with_name(out.name + ".ckpt")
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step, besides the model, method and optimizer."""
+
+    step: int = 0  # steps completed (the next step to run)
+    loss_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _comparable(config: RepairConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+
+
+def save_checkpoint(path: Path, config: RepairConfig, method: RepairMethod, optimizer: torch.optim.Optimizer,
+                    progress: Progress) -> None:
+    """Replace the checkpoint at ``path`` with the state after ``progress.step`` steps."""
+    state = {
+        "config": _comparable(config),
+        "trainable": [p.detach().cpu() for p in method.trainable_parameters()],
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+        "progress": dataclasses.asdict(progress),
+    }
+    with atomic_dir(path, overwrite=True) as tmp:
+        torch.save(state, tmp / STATE_FILE)
+
+
+def has_checkpoint(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def load_checkpoint(path: Path, config: RepairConfig, method: RepairMethod,
+                    optimizer: torch.optim.Optimizer) -> Progress:
+    """Restore a checkpoint into an attached method and its optimizer; returns where to continue."""
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise SeftkitError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    saved, current = state["config"], _comparable(config)
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise SeftkitError(f"checkpoint {path} was made with different settings ({', '.join(changed)}); "
+                           "rerun with the same options, or delete it to start over")
+    method.load_state_dict(state["method"])
+    params = method.trainable_parameters()
+    if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in state["trainable"]]:
+        raise SeftkitError(f"checkpoint {path} does not match this model's trainable parameters")
+    with torch.no_grad():
+        for param, value in zip(params, state["trainable"], strict=True):
+            param.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    progress = state["progress"]
+    return Progress(step=progress["step"], loss_curve=[tuple(x) for x in progress["loss_curve"]],
+                    events=progress["events"])

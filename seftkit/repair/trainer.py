@@ -1,0 +1,294 @@
+"""The one repair training loop. Every method runs through it; it never looks at a method's name.
+
+Choices, and why:
+- AdamW over ``method.trainable_parameters()`` only, so optimizer memory is what the method costs.
+- Learning rate: linear warmup over ``warmup_steps``, then linear decay to 0 at ``steps``. A pure function of the
+  step (no scheduler object), so a resumed run gets exactly the same rates.
+- Micro-batch ``i`` is fixed by the seed (``batches``); every method trains on the same tokens in the same order.
+  Methods that probe gradients before training (SEFT's initial slots) use the first micro-batches of that same
+  stream, without an optimizer step, so they see no extra data.
+- A non-finite loss stops the run before the optimizer step that would spread it (:class:`DivergenceError`);
+  the last checkpoint written is the last good state.
+- After ``merge`` every target layer must hold at most its input nnz (and a valid N:M pattern with ``--nm``);
+  otherwise nothing is returned for saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from seftkit.errors import DivergenceError, SeftkitError
+from seftkit.models import check_finite, linear_weight, target_linears
+from seftkit.repair.baselines import BASELINES
+from seftkit.repair.batches import build_batches
+from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
+from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
+from seftkit.repair.method import RepairMethod
+from seftkit.repair.report import LayerSparsity, RepairReport
+from seftkit.sparsity.masks import nm_valid
+from seftkit.sparsity.pattern import parse_nm
+from seftkit.sparsity.targets import TargetRule
+
+log = logging.getLogger(__name__)
+
+
+def method_registry() -> dict[str, Callable[[RepairConfig], RepairMethod]]:
+    """Baselines plus SEFT's methods (``seftkit.repair.seft.METHODS``), by CLI name."""
+    registry = dict(BASELINES)
+    try:
+        from seftkit.repair.seft import METHODS
+    except ModuleNotFoundError as exc:
+        if exc.name != "seftkit.repair.seft":
+            raise
+    else:
+        registry.update(METHODS)
+    return registry
+
+
+def make_method(config: RepairConfig) -> RepairMethod:
+    registry = method_registry()
+    if config.method not in registry:
+        raise SeftkitError(f"unknown repair method {config.method!r}; choose from: {', '.join(sorted(registry))}")
+    return registry[config.method](config)
+
+
+def check_config(config: RepairConfig) -> None:
+    """Refuse settings that cannot train, with the option name to fix."""
+    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
+                "--update-interval": config.update_interval}
+    for flag, value in positive.items():
+        if value < 1:
+            raise SeftkitError(f"{flag} must be at least 1, got {value}")
+    if config.seqlen < 2:
+        raise SeftkitError(f"--seqlen must be at least 2, got {config.seqlen}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise SeftkitError(f"--lr must be a positive number, got {config.lr}")
+    if config.delta_density is not None and config.lora_rank_equivalent is not None:
+        raise SeftkitError("give either --delta-density or --lora-rank-equivalent, not both")
+    if config.delta_density is not None and not 0 < config.delta_density <= 1:
+        raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
+    if config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
+        raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
+    if not 0 <= config.drop_rate < 1:
+        raise SeftkitError(f"--drop-rate must be in [0, 1), got {config.drop_rate}")
+    if config.drop_schedule not in DROP_SCHEDULES:
+        raise SeftkitError(f"--drop-schedule must be one of {', '.join(DROP_SCHEDULES)}")
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
+    if config.nm is not None:
+        parse_nm(config.nm)
+
+
+def learning_rate(config: RepairConfig, step: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then linear decay to 0 at ``steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    remaining = config.steps - config.warmup_steps
+    return config.lr * (config.steps - step) / remaining if remaining > 0 else config.lr
+
+
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def measure_layers(targets: dict[str, nn.Module]) -> dict[str, LayerSparsity]:
+    return {name: LayerSparsity(numel=linear_weight(m).numel(), nnz_before=int(torch.count_nonzero(linear_weight(m))))
+            for name, m in targets.items()}
+
+
+def check_input_pattern(targets: dict[str, nn.Module], nm: str | None) -> None:
+    if nm is None:
+        return
+    n, m = parse_nm(nm)
+    for name, module in targets.items():
+        if not nm_valid(linear_weight(module).detach(), n, m):
+            raise SeftkitError(f"{name} is not {nm} sparse; prune with --nm {nm} before repairing with --nm")
+
+
+def check_output_sparsity(model: nn.Module, layers: dict[str, LayerSparsity], nm: str | None) -> None:
+    """Fill ``nnz_after``; refuse a merged model that is denser than its input or breaks N:M."""
+    pattern = parse_nm(nm) if nm else None
+    for name, layer in layers.items():
+        weight = linear_weight(model.get_submodule(name)).detach()
+        layer.nnz_after = int(torch.count_nonzero(weight))
+        if layer.nnz_after > layer.nnz_before:
+            raise SeftkitError(f"repair left {name} with {layer.nnz_after} non-zeros, more than its input's "
+                               f"{layer.nnz_before}; nothing was written (this is a bug, please report it)")
+        if pattern is not None and not nm_valid(weight, *pattern):
+            raise SeftkitError(f"repair broke the {nm} pattern of {name}; nothing was written (a bug, please report)")
+
+
+def overall_sparsity(layers: dict[str, LayerSparsity], after: bool) -> float:
+    numel = sum(layer.numel for layer in layers.values())
+    nnz = sum((layer.nnz_after if after else layer.nnz_before) or 0 for layer in layers.values())
+    return 1.0 - nnz / numel
+
+
+def evaluate_model(model: nn.Module, tokenizer, config: RepairConfig, progress: bool) -> dict[str, float]:
+    """``--eval-ppl`` perplexity and ``--eval-tasks`` accuracy (on the tasks' ``heldout`` split, which repair
+    never trains on), flattened for the report; empty when neither is asked for."""
+    if not config.eval_ppl and not config.eval_tasks:
+        return {}
+    from seftkit.eval import evaluate
+    from seftkit.models import eval_mode
+
+    with eval_mode(model):
+        result = evaluate(model, tokenizer, tasks=config.eval_tasks or None, ppl_texts=config.eval_ppl,
+                          limit=config.eval_limit, split="heldout", progress=progress)
+    scores = {"ppl": result.ppl.ppl} if result.ppl is not None else {}
+    scores.update({f"{name}_acc": task.acc for name, task in result.tasks.items()})
+    if result.mean_acc is not None:
+        scores["mean_acc"] = result.mean_acc
+    return scores
+
+
+def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Causal LM loss (HF shifts labels and skips -100), under bf16 autocast on CUDA."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(**batch, use_cache=False).loss.float()
+
+
+def repair_model(
+    model: nn.Module,
+    tokenizer,
+    config: RepairConfig,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RepairReport:
+    """Repair ``model`` in place with ``config.method``; returns the report. The model ends as a plain HF model.
+
+    ``checkpoint_dir`` receives a checkpoint every ``config.checkpoint_every`` steps (and ``resume`` continues
+    from it). ``stop_after`` ends training after that many steps without merging, as a kill would (tests).
+    """
+    check_config(config)
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    targets = target_linears(model, TargetRule(config.include, config.exclude))
+    if not targets:
+        raise SeftkitError("no target linears matched; check --include/--exclude")
+    check_finite(model)
+    check_input_pattern(targets, config.nm)
+    layers = measure_layers(targets)
+    method = make_method(config)
+    report = RepairReport(config=config, method=config.method, trainable_params=0,
+                          total_params=sum(p.numel() for p in model.parameters()), device=str(device), layers=layers,
+                          sparsity_before=overall_sparsity(layers, after=False))
+    report.eval_before = evaluate_model(model, tokenizer, config, progress)
+
+    torch.manual_seed(config.seed)
+    method.attach(model, targets)
+    params = method.trainable_parameters()
+    report.trainable_params = method.trainable_count()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    batches = build_batches(tokenizer, config.data, config.seqlen, config.batch_size,
+                            max(config.steps * config.grad_accum, method.init_passes()), config.seed)
+    was_training = model.training
+    model.train()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+            state = load_checkpoint(checkpoint_dir, config, method, optimizer)
+            report.resumed_from_step = state.step
+            log.info("resuming %s from step %d (%s)", config.method, state.step, checkpoint_dir)
+        else:
+            state = Progress()
+            run_init_passes(model, method, batches, device)
+        train_seconds = train(model, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
+                              stop_after, density=1.0 - report.sparsity_before)
+    finally:
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+    report.steps_done = state.step
+    report.loss_curve = state.loss_curve
+    report.events = state.events
+    steps_run = state.step - (report.resumed_from_step or 0)
+    report.train_time_s = train_seconds
+    report.step_time_s = train_seconds / steps_run if steps_run else 0.0
+    if stop_after is not None and state.step < config.steps:
+        return report  # interrupted on purpose: no merge, the checkpoint holds the run
+    method.merge()
+    check_output_sparsity(model, layers, config.nm)
+    report.sparsity_after = overall_sparsity(layers, after=True)
+    report.method_summary = method.summary()
+    report.eval_after = evaluate_model(model, tokenizer, config, progress)
+    report.wall_time_s = time.perf_counter() - started
+    report.peak_rss_mb = peak_rss_mb()
+    if device.type == "cuda":
+        report.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return report
+
+
+def run_init_passes(model: nn.Module, method: RepairMethod, batches, device: torch.device) -> None:
+    """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step."""
+    passes = method.init_passes()
+    for index in range(passes):
+        loss = micro_batch_loss(model, batches.micro_batch(index), device)
+        method.before_backward(0)
+        (loss / passes).backward()
+    if passes:
+        method.finish_init()
+        model.zero_grad(set_to_none=True)
+
+
+def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches, config: RepairConfig,
+          state: Progress, device: torch.device, checkpoint_dir: Path | None, progress: bool,
+          stop_after: int | None, density: float) -> float:
+    """Run steps ``state.step .. config.steps - 1`` (updating ``state``); returns the seconds spent training.
+
+    The progress bar shows the loss, seconds per step and ``density``, the fraction of target weights in the
+    active set: every method holds it at the input's (SEFT's evolving set keeps its size at every boundary).
+    """
+    last_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"repair {config.method}", unit="step", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    seconds, done = 0.0, 0
+    try:
+        while state.step < last_step:
+            step = state.step
+            tick = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            total = 0.0
+            for micro in range(config.grad_accum):
+                loss = micro_batch_loss(model, batches.micro_batch(step * config.grad_accum + micro), device)
+                if not torch.isfinite(loss):
+                    kept = (f"the last good checkpoint is kept in {checkpoint_dir}"
+                            if checkpoint_dir is not None and has_checkpoint(checkpoint_dir) else "no checkpoint")
+                    raise DivergenceError(f"loss became {loss.item()} at step {step}; try a lower --lr ({kept})")
+                method.before_backward(step)
+                (loss / config.grad_accum).backward()
+                total += loss.item() / config.grad_accum
+            optimizer.step()
+            event = method.after_optimizer_step(step, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - tick
+            state.step += 1
+            state.loss_curve.append((step, total))
+            if event is not None:
+                state.events.append({"step": step, **event})
+            done += 1
+            if done == 1 or state.step % config.log_every == 0:
+                bar.set_postfix(loss=f"{total:.4f}", s_step=f"{seconds / done:.2f}", density=f"{density:.4f}")
+            bar.update(1)
+            if checkpoint_dir is not None and config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                save_checkpoint(checkpoint_dir, config, method, optimizer, state)
+    finally:
+        bar.close()
+    return seconds
