@@ -1,0 +1,215 @@
+"""Native sparse kernels: exact packing, parity with dense matmul, model swap-in, fallbacks, CUDA skips."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model
+
+from seftkit.errors import SeftkitError
+from seftkit.kernels import Isa, SparseLinear, build, cuda24, kernel_isa, native, pack_bitmap, pack_nm, sparsify_model
+from seftkit.kernels.formats import VALUE_PAD
+from seftkit.sparsity.masks import nm_mask, unstructured_mask
+
+LEVELS = [level for level in Isa if level <= kernel_isa()]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def pruned(rows: int, cols: int, dtype: torch.dtype, sparsity: float | None = None,
+           nm: tuple[int, int] | None = None, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    weight = torch.randn(rows, cols)
+    keep = nm_mask(weight.abs(), *nm) if nm else unstructured_mask(weight.abs(), sparsity)
+    return (weight * keep).to(dtype)
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Parity with an fp32 product of the same operands; bf16 outputs may differ by their own rounding."""
+    reference = x.float() @ weight.float().T
+    assert y.dtype == x.dtype and y.shape == reference.shape
+    rtol, atol = (1e-5, 1e-5) if x.dtype == torch.float32 else (2.0**-7, 1e-3)
+    torch.testing.assert_close(y.float(), reference, rtol=rtol, atol=atol * x.shape[1] ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 45), (33, 100), (64, 128), (5, 4096)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_pack_round_trip_is_exact(dtype, shape, sparsity):
+    weight = pruned(*shape, dtype, sparsity=min(sparsity, 0.999))
+    if sparsity == 1.0:
+        weight.zero_()
+    packed = pack_bitmap(weight)
+    assert packed.nnz == int(weight.ne(0).sum())
+    assert packed.values.numel() == packed.nnz + VALUE_PAD
+    assert packed.bits.shape == (shape[0], -(-shape[1] // 32))
+    assert torch.equal(packed.to_dense(), weight)
+
+
+def test_bytes_per_weight_match_the_format_arithmetic():
+    two_four = pack_nm(pruned(256, 4096, torch.bfloat16, nm=(2, 4)), 2, 4)
+    assert two_four.nm == (2, 4)
+    assert two_four.bytes_per_weight == pytest.approx(0.5 * 2 + 1 / 8, abs=0.003)
+    seventy = pack_bitmap(pruned(256, 4096, torch.bfloat16, sparsity=0.7))
+    assert seventy.bytes_per_weight == pytest.approx(0.3 * 2 + 1 / 8, abs=0.003)
+
+
+def test_pack_nm_rejects_a_weight_without_the_pattern():
+    with pytest.raises(SeftkitError, match="not 2:4 sparse"):
+        pack_nm(pruned(8, 16, torch.float32, sparsity=0.5), 2, 4)
+
+
+@pytest.mark.parametrize("isa", LEVELS, ids=lambda level: level.name.lower())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", [0.5, 0.7, 0.9, (2, 4), (1, 4), (4, 8)], ids=str)
+def test_kernel_equals_dense_matmul(isa, dtype, pattern):
+    module = native()
+    for rows, cols in [(1, 8), (7, 40), (33, 104), (96, 520)]:
+        if isinstance(pattern, tuple) and cols % pattern[1]:
+            continue
+        kwargs = {"nm": pattern} if isinstance(pattern, tuple) else {"sparsity": pattern}
+        weight = pruned(rows, cols, dtype, seed=rows, **kwargs)
+        packed = pack_bitmap(weight)
+        for batch in (1, 2, 4, 5, 9):
+            x = torch.randn(batch, cols).to(dtype)
+            y = module.bitmap_matmul(x, packed.values, packed.bits, packed.row_ptr, cols, int(isa))
+            assert_matches_reference(y, x, weight)
+
+
+def test_fp32_activations_with_bf16_weights_keep_fp32_precision():
+    weight = pruned(40, 96, torch.bfloat16, sparsity=0.7)
+    packed = pack_bitmap(weight)
+    x = torch.randn(3, 96)
+    y = native().bitmap_matmul(x, packed.values, packed.bits, packed.row_ptr, 96, int(kernel_isa()))
+    assert_matches_reference(y, x, weight)
+
+
+def test_kernel_rejects_mismatched_input_width():
+    packed = pack_bitmap(pruned(4, 64, torch.float32, sparsity=0.5))
+    with pytest.raises(RuntimeError, match=r"x must be \[batch, 64\]"):
+        native().bitmap_matmul(torch.randn(1, 32), packed.values, packed.bits, packed.row_ptr, 64, 0)
+
+
+def test_sparse_linear_matches_nn_linear_with_bias_and_leading_dims():
+    linear = torch.nn.Linear(72, 24)
+    with torch.no_grad():
+        linear.weight.mul_(unstructured_mask(linear.weight.abs(), 0.6))
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(2, 3, 72)
+    torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert "unstructured" in repr(sparse)
+
+
+def prune_model(model, sparsity=None, nm=None):
+    from seftkit.models import linear_weight, target_linears
+
+    with torch.no_grad():
+        for module in target_linears(model).values():
+            weight = linear_weight(module)
+            keep = nm_mask(weight.abs(), *nm) if nm else unstructured_mask(weight.abs(), sparsity)
+            weight.mul_(keep)
+    return model
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,pattern", [("auto", 0.7), ("unstructured", 0.7), ("nm", (2, 4)), ("auto", (2, 4))])
+def test_sparsified_tiny_llama_gives_the_dense_logits(dtype, backend, pattern):
+    model, _ = make_tiny_model("llama")
+    model = prune_model(model, **({"nm": pattern} if isinstance(pattern, tuple) else {"sparsity": pattern}))
+    model.to(dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = model(ids).logits.float()
+        sparsify_model(model, backend=backend)
+        swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        sparse_logits = model(ids).logits.float()
+    assert len(swapped) == 2 * 7  # two blocks of q, k, v, o, gate, up, down
+    assert all((m.nm == (2, 4)) == isinstance(pattern, tuple) for m in swapped)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * float(dense_logits.abs().max())
+    torch.testing.assert_close(sparse_logits, dense_logits, rtol=0, atol=tol)
+
+
+def test_sparsified_model_generates_the_same_greedy_tokens():
+    model, _ = make_tiny_model("llama")
+    model = prune_model(model, sparsity=0.7)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    dense = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    sparsify_model(model)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), dense)
+
+
+def test_auto_keeps_dense_layers_dense_and_nm_refuses_unstructured_layers():
+    model, _ = make_tiny_model("llama")
+    sparsify_model(model, backend="auto")
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    prune_model(model, sparsity=0.5)
+    with pytest.raises(SeftkitError, match="is not 2:4 sparse"):
+        sparsify_model(model, backend="nm")
+    with pytest.raises(SeftkitError, match="unknown backend"):
+        sparsify_model(model, backend="fast")
+
+
+def test_build_failure_falls_back_to_dense_with_a_warning(monkeypatch):
+    def broken_compile():
+        raise RuntimeError("Error building extension 'seftkit_kernels'")
+
+    monkeypatch.setattr(build, "_compile", broken_compile)
+    build.native.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native sparse kernels unavailable"):
+            assert build.native() is None
+        model = prune_model(make_tiny_model("llama")[0], sparsity=0.7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert sparsify_model(model) is model
+        assert any("stays dense" in str(w.message) for w in caught)
+        assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    finally:
+        build.native.cache_clear()
+
+
+def test_missing_cpu_feature_falls_back_to_a_lower_path(monkeypatch):
+    real = native()
+    avx2_only = SimpleNamespace(cpu_isa=lambda: int(Isa.AVX2), bitmap_matmul=real.bitmap_matmul)
+    monkeypatch.setattr(build, "native", lambda: avx2_only)
+    with pytest.warns(RuntimeWarning, match="lacks avx512_bf16; using avx2"):
+        assert kernel_isa("avx512-bf16") == Isa.AVX2
+    monkeypatch.setenv(build.ISA_ENV, "portable")
+    assert kernel_isa() == Isa.PORTABLE
+    linear = torch.nn.Linear(40, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(unstructured_mask(linear.weight.abs(), 0.7))
+    sparse = SparseLinear.from_linear(linear)
+    assert sparse.isa == Isa.PORTABLE
+    x = torch.randn(1, 40)
+    torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_isa_name_is_a_user_error():
+    with pytest.raises(SeftkitError, match="unknown kernel ISA 'sse9'"):
+        build.parse_isa("sse9")
+
+
+def test_cuda24_explains_unfit_weights():
+    assert "dtype" in cuda24.weight_unfit_reason(torch.zeros(64, 64))
+    assert "shape 30x64" in cuda24.weight_unfit_reason(torch.zeros(30, 64, dtype=torch.bfloat16))
+    assert cuda24.weight_unfit_reason(pruned(64, 64, torch.bfloat16, sparsity=0.5)) == "not 2:4 sparse"
+    assert cuda24.weight_unfit_reason(pruned(64, 64, torch.bfloat16, nm=(2, 4))) is None
+
+
+@pytest.mark.skipif(cuda24.unavailable_reason() is None, reason="CUDA 2:4 is available here")
+def test_cuda24_backend_without_cuda_warns_and_stays_dense():
+    model = prune_model(make_tiny_model("llama")[0], nm=(2, 4))
+    with pytest.warns(RuntimeWarning, match="cuda24 backend skipped"):
+        sparsify_model(model, backend="cuda24")
+    assert all(not getattr(p, "is_sparse", False) for p in model.parameters())
+
+
+@pytest.mark.skipif(cuda24.unavailable_reason() is not None, reason=str(cuda24.unavailable_reason()))
+def test_cuda24_linear_matches_dense():
+    weight = pruned(128, 128, torch.float16, nm=(2, 4)).cuda()
+    x = torch.randn(16, 128, dtype=torch.float16, device="cuda")
+    torch.testing.assert_close(F.linear(x, cuda24.to_cuda24(weight)), F.linear(x, weight), rtol=1e-2, atol=1e-2)
