@@ -140,27 +140,42 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load ``(model, tokenizer)`` in eval mode; bad folders and corrupt files raise :class:`SeftkitError`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     path = resolve_model_path(spec, allow_pickle=allow_pickle)
     torch_dtype = resolve_dtype(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
         )
+    except SafetensorError as exc:  # not an OSError: truncated or damaged *.safetensors
+        raise SeftkitError(f"corrupt or truncated safetensors in {path}: {_first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SeftkitError(f"cannot load model from {path}: {first}") from None
+        raise SeftkitError(f"cannot load model from {path}: {_first_line(exc)}") from None
     model.to(resolve_device(device)).eval()
     tokenizer = None
     if with_tokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise SeftkitError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+            raise SeftkitError(f"cannot load tokenizer from {path}: {_first_line(exc)}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _quiet_transformers() -> None:
+    """Turn off transformers' per-tensor "Loading weights"/"Writing model shards" bars; commands show their own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_type(model_or_path: PreTrainedModel | str | os.PathLike) -> str:
@@ -227,6 +242,7 @@ def check_finite(model: nn.Module) -> None:
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path) -> None:
     """Write an ordinary HF folder (safetensors) that plain ``AutoModelForCausalLM`` loads."""
+    _quiet_transformers()
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
