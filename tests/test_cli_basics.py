@@ -1,0 +1,93 @@
+"""The CLI shell: help, version, lazy commands and the shared one-line error handling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.main import COMMANDS, cli
+
+from seftkit import __version__
+from seftkit.errors import SeftkitError
+
+AVAILABLE = [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+
+def test_help_lists_every_command_without_importing_them():
+    code = (
+        "import sys\n"
+        "from seftkit.cli.main import main\n"
+        "sys.argv = ['seftkit', '--help']\n"
+        "try:\n    main()\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("Usage: seftkit [OPTIONS] COMMAND [ARGS]...")
+    commands = out.split("Commands:")[1]
+    assert "verify" in AVAILABLE
+    for name in AVAILABLE:
+        assert f"  {name} " in commands, name
+    assert out.strip().splitlines()[-1] == "[]"  # help imported neither torch nor transformers
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_each_command_has_help_and_a_json_option(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Usage: cli {name} [OPTIONS]")
+    assert "--json" in result.stdout
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert (result.exit_code, result.stdout) == (0, f"seftkit, version {__version__}\n")
+
+
+def test_unknown_command_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["frobnicate"])
+    assert result.exit_code == 2 and "No such command 'frobnicate'" in result.stderr
+
+
+@click.command()
+@click.argument("what")
+@json_option
+@handle_errors
+def demo(what: str, json_path: str | None) -> None:
+    if what == "bad":
+        raise SeftkitError("the input was bad\nsecond line is dropped")
+    if what == "interrupt":
+        raise KeyboardInterrupt
+    if what == "memory":
+        raise MemoryError
+    if what == "bug":
+        raise ZeroDivisionError("a real bug")
+    click.echo("ok")
+    write_report(json_path, {"what": what})
+
+
+@pytest.mark.parametrize(("what", "code", "stderr"), [
+    ("bad", 2, "seftkit: error: the input was bad\n"),
+    ("interrupt", 130, "seftkit: interrupted; nothing was written to the output\n"),
+    ("memory", 2, "seftkit: error: out of memory; try a smaller --batch-size, --seqlen or --nsamples\n"),
+])
+def test_handle_errors_one_line(what, code, stderr):
+    result = CliRunner().invoke(demo, [what])
+    assert (result.exit_code, result.stderr, result.stdout) == (code, stderr, "")
+
+
+def test_bugs_keep_their_traceback():
+    result = CliRunner().invoke(demo, ["bug"])
+    assert isinstance(result.exception, ZeroDivisionError)
+
+
+def test_json_option_writes_report(tmp_path):
+    result = CliRunner().invoke(demo, ["fine", "--json", str(tmp_path / "out" / "r.json")])
+    assert (result.exit_code, result.stdout) == (0, "ok\n")
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {"what": "fine"}
