@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from seftkit.cli.main import cli
 
+import seftkit
 from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight, load_model, save_model, target_linears
 from seftkit.sparsity import scanner
@@ -77,6 +78,7 @@ def test_counts_match_torch_and_modules(tiny_model_dir, tmp_path):
     assert sum(layer.numel for layer in report.per_layer.values()) == report.overall.numel
     assert sorted(report.per_layer) == [0, 1]
     assert report.passed  # no pattern: measure only
+    assert seftkit.verify_model is verify_model  # the lazy top-level export
 
 
 def test_nm_agrees_with_torch_masks_and_finds_first_violation(tiny_model_dir, tmp_path):
