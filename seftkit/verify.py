@@ -203,8 +203,9 @@ def verify_model(
             pattern.check_width(info.name, info.shape[0] if transposed else info.shape[1])
 
     checks, all_stats = [], []
-    with _progress(sum(t.nbytes for t in targets), progress) as bar:
-        mapped = MappedFiles()
+    mapped = MappedFiles()
+    scanned = sum(t.nbytes for t in targets)
+    with _progress(scanned, progress) as bar:
         for info in targets:
             stats = scan_tensor(info, mapped, pattern, transposed)
             all_stats.append(stats)
@@ -227,7 +228,7 @@ def verify_model(
         overall=Totals(summary.numel, summary.zeros, summary.sparsity),
         per_layer={i: Totals(int(v["numel"]), int(v["zeros"]), v["sparsity"]) for i, v in summary.per_layer.items()},
         tensors=checks,
-        scanned_bytes=sum(t.nbytes for t in targets),
+        scanned_bytes=scanned,
     )
 
 
