@@ -69,7 +69,7 @@ def format_summary(report: VerifyReport, per_layer: bool = False) -> str:
             detail = (f"{t.nm_violations:,} groups short; first at row {t.first_violation.row}, "
                       f"column {t.first_violation.column}")
         else:
-            detail = f"sparsity {t.sparsity:.2%}, short by {t.shortfall:.2%}"
+            detail = f"sparsity {t.sparsity:.2%}, below the {t.sparsity + t.shortfall:.2%} required"
         lines.append(f"  {t.name}: {detail}")
     if len(failures) > _MAX_LISTED:
         lines.append(f"  ... and {len(failures) - _MAX_LISTED} more (see --json)")
