@@ -71,17 +71,17 @@ def test_grow_takes_the_largest_accumulated_non_slots():
     magnitudes = torch.tensor([0.5, 0.01, 0.02, 0.7])  # slots 1 and 2 (positions 3 and 5) are dropped
     active = torch.ones(12, dtype=torch.bool)
     grow = _candidates({1: 0.3, 2: 0.9, 6: 0.5, 7: 0.1})
-    step = evolve_layer(indices, magnitudes, active, grow, None, n=2)
+    step = evolve_layer(indices, magnitudes, active, grow, n=2)
     assert indices.tolist() == [0, 2, 6, 9]  # the two best candidates, in rank order, into slots 1 and 2
     assert step.repurposed.tolist() == [1, 2]
-    assert (step.dropped, step.grown, step.revived, step.removed_count) == (2, 2, 0, 0)
+    assert (step.dropped, step.grown, step.revived, step.removed.numel()) == (2, 2, 0, 0)
     assert active.all()
 
 
 def test_grow_reuses_dropped_positions_when_candidates_run_out():
     indices = torch.tensor([0, 3, 5])
     step = evolve_layer(indices, torch.tensor([0.1, 0.2, 0.3]), torch.ones(8, dtype=torch.bool),
-                        _candidates({7: 1.0}), None, n=2)
+                        _candidates({7: 1.0}), n=2)
     assert indices.tolist() == [7, 0, 5]
     assert step.repurposed.tolist() == [0, 1]
 
@@ -94,7 +94,7 @@ def test_adapt_removes_smallest_sensitivity_never_a_grown_position():
     grow = _candidates({5: 3.0, 2: 1.0, 6: 0.5})
     # 5 and 2 are the least sensitive but were grown in this step; 3 is the next smallest
     sensitivity = _candidates({5: 0.0, 2: 0.01, 3: 0.02, 0: 0.5, 1: 0.04})
-    step = evolve_layer(indices, magnitudes, active, grow, sensitivity, n=2)
+    step = evolve_layer(indices, magnitudes, active, grow, 2, sensitivity)
     assert indices.tolist() == [0, 5, 2]
     assert step.revived == 1 and step.removed.tolist() == [3]
     assert active.nonzero().flatten().tolist() == [0, 1, 2, 5]
@@ -106,7 +106,7 @@ def test_adapt_moves_slots_that_sit_on_removed_positions_inside_the_active_set()
     magnitudes = torch.tensor([0.05, 0.9, 0.8])  # slot 0 dropped
     grow = _candidates({6: 5.0, 3: 1.0, 7: 0.5})
     sensitivity = _candidates({2: 0.001, 1: 0.5, 3: 0.6})  # slot 2's position 2 is the least sensitive
-    step = evolve_layer(indices, magnitudes, active, grow, sensitivity, n=1)
+    step = evolve_layer(indices, magnitudes, active, grow, 1, sensitivity)
     assert step.revived == 1 and step.removed.tolist() == [2]
     # slot 0 grew at 6 (revived); slot 2 lost position 2 and refills at the best active candidate, 3
     assert indices.tolist() == [6, 1, 3]
@@ -121,7 +121,7 @@ def test_initial_choice_is_the_top_k_then_adapt():
     indices = torch.tensor([0, 1])
     grow = _candidates({i: s for i, s in enumerate([0.1, 0.2, 0.3, 0.9, 0.05, 0.8])})
     sensitivity = _candidates({0: 0.3, 1: 0.1, 2: 0.2, 5: 0.0})
-    step = evolve_layer(indices, torch.zeros(2), active, grow, sensitivity, n=2)
+    step = evolve_layer(indices, torch.zeros(2), active, grow, 2, sensitivity)
     assert indices.tolist() == [3, 5]
     assert step.revived == 1 and step.removed.tolist() == [1]  # 5 is grown, so 1 goes
     assert int(active.sum()) == 4
@@ -134,6 +134,7 @@ def test_random_rounds_keep_k_slots_and_the_active_count(revive):
     weight = torch.randn(rows, cols)
     active = nm_mask(weight.abs(), 2, 4).reshape(-1)
     start = active.clone()
+    base = weight * active.reshape(rows, cols)  # pruned; adapt zeroes what it removes, as SEFT does
     target = int(active.sum())
     indices = torch.nonzero(active).flatten()[torch.randperm(target)[:k]]
     for _ in range(6):
@@ -145,13 +146,14 @@ def test_random_rounds_keep_k_slots_and_the_active_count(revive):
         if revive:
             anywhere = top_positions(grad.abs(), candidate_count(n, rows * cols), eligible)
             grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
-            sensitivity = Candidates.at(bottom_positions((weight * grad).abs(), candidate_count(n, target), active))
-            sensitivity.add(weight * grad)
+            sensitivity = Candidates.at(bottom_positions((base * grad).abs(), candidate_count(n, target), active))
+            sensitivity.add(base * grad)
         else:
             grow = Candidates.at(inside)
             sensitivity = None
         grow.add(grad)
-        evolve_layer(indices, torch.rand(k), active, grow, sensitivity, n)
+        step = evolve_layer(indices, torch.rand(k), active, grow, n, sensitivity, base)
+        base.view(-1)[step.removed] = 0
         assert indices.numel() == k and indices.unique().numel() == k
         assert int(active.sum()) == target
         assert active[indices].all()

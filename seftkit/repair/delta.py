@@ -37,6 +37,14 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < _INT32_LIMIT else torch.int64
 
 
+def gather_flat(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``weight.flatten()[positions]`` for an [out, in] tensor or view (no copy of the matrix, even when the
+    view is transposed as for GPT-2 Conv1D)."""
+    positions = positions.long()
+    in_features = weight.shape[1]
+    return weight[positions // in_features, positions % in_features]
+
+
 def effective_weight(
     weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -45,11 +53,10 @@ def effective_weight(
     The sum at the delta positions is formed in at least fp32 and rounded once, so a bf16 ``W`` plus a small
     fp32 ``d`` does not lose ``d`` to a bf16 addition. ``indices`` must be unique (SEFT slots always are).
     """
-    out_features, in_features = weight.shape
-    result = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
+    result = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     result.copy_(weight)
     idx = indices.long()
-    base = weight[idx // in_features, idx % in_features]  # a gather that also works for transposed views
+    base = gather_flat(weight, idx)
     wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
     result.view(-1)[idx] = (base.to(wide) + values.to(wide)).to(dtype)
     return result
@@ -126,7 +133,7 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
         if active is None:
             active = weight != 0
-        self.register_buffer("active", active.to(device=weight.device, dtype=torch.bool))
+        self.register_buffer("active", active.to(device=weight.device, dtype=torch.bool).contiguous())
         self.grad_hook: GradHook | None = None
 
     @property

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seftkit.repair.delta import gather_flat
+
 CANDIDATE_FACTOR = 2
 CANDIDATE_MARGIN = 16
 
@@ -105,8 +107,8 @@ class Candidates:
         return cls(state["positions"], state["scores"])
 
 
-def first_not_in(pool: torch.Tensor, excluded: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` entries of ``pool`` (in order) that are not in ``excluded``."""
+def first_not_in(pool: torch.Tensor, excluded: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` (default: all) entries of ``pool``, in order, that are not in ``excluded``."""
     return pool[~torch.isin(pool, excluded)][:count]
 
 
@@ -118,11 +120,12 @@ class EvolutionStep:
     removed: torch.Tensor  # positions taken out of the active set (their base weight must become 0)
     dropped: int
     grown: int
-    revived: int  # grown positions that were outside the active set
+    revived: int = 0  # grown positions that were outside the active set
+    emptied: int = 0  # removed because the drop left them at exactly 0 (a revived weight whose delta was dropped)
 
     @property
-    def removed_count(self) -> int:
-        return int(self.removed.numel())
+    def removed_by_sensitivity(self) -> int:
+        return int(self.removed.numel()) - self.emptied
 
 
 def evolve_layer(
@@ -130,8 +133,9 @@ def evolve_layer(
     magnitudes: torch.Tensor,
     active: torch.Tensor,
     grow: Candidates,
-    sensitivity: Candidates | None,
     n: int,
+    sensitivity: Candidates | None = None,
+    base_weight: torch.Tensor | None = None,
 ) -> EvolutionStep:
     """One topology update of one layer, in place on ``indices`` (int64 slot positions) and ``active`` (flat).
 
@@ -139,8 +143,10 @@ def evolve_layer(
     2. GROW them at the ``n`` best ``grow`` candidates (largest accumulated |dW|; the candidates are non-slot
        positions, chosen inside ``active`` unless reviving). Should the candidates run out (tiny layers), the
        dropped positions themselves are reused, so ``|I| = k`` always holds.
-    3. ADAPT (only with ``sensitivity``): grown positions outside ``active`` join it; as many active positions
-       leave it, those with the smallest accumulated |T * g| that were not grown in this step. Slots sitting
+    3. ADAPT (only with ``sensitivity``): the r grown positions outside ``active`` join it and r active
+       positions leave it, never one grown in this step: first dropped positions where ``base_weight`` (the
+       frozen [out, in] weight) is 0, which the drop left at exactly zero (a revived weight whose delta was
+       dropped is dead weight), then those with the smallest accumulated sensitivity |T * g|. Slots sitting
        on removed positions move to the best remaining candidates inside ``active`` (or, failing those, to
        dropped positions that are still active), so ``|active|`` and ``|I|`` are unchanged.
 
@@ -155,7 +161,7 @@ def evolve_layer(
     survivors = _others(indices, dropped_slots)
     grown = first_not_in(pool, survivors, n)
     indices[dropped_slots] = grown
-    step = EvolutionStep(dropped_slots, _empty_like(indices), dropped=n, grown=n, revived=0)
+    step = EvolutionStep(dropped_slots, _empty_like(indices), dropped=n, grown=n)
     if sensitivity is None:
         return step
 
@@ -164,9 +170,14 @@ def evolve_layer(
     if not step.revived:
         return step
     active[revived] = True
-    removable = first_not_in(sensitivity.ranked(descending=False), grown, step.revived)
+    emptied = dropped_positions[:0]
+    if base_weight is not None:
+        emptied = dropped_positions[gather_flat(base_weight, dropped_positions) == 0]
+    removal_order = torch.cat([emptied, first_not_in(sensitivity.ranked(descending=False), emptied)])
+    removable = first_not_in(removal_order, grown, step.revived)
     if removable.numel() < step.revived:
         raise RuntimeError("sensitivity candidates ran out; candidate_count must cover the grown positions")
+    step.emptied = int(torch.isin(removable, emptied).sum())
     active[removable] = False
     step.removed = torch.sort(removable).values
     displaced_slots = torch.nonzero(torch.isin(indices, removable)).flatten()

@@ -1,0 +1,373 @@
+"""SEFT: sparse fine-tuning whose sparse topology evolves while it repairs a pruned model.
+
+Every target linear becomes a :class:`~seftkit.repair.delta.SparseDeltaLinear` with a budget of ``k`` trainable
+slots. In the ``accumulation_steps`` backward passes before each boundary (every ``update_interval`` steps)
+each layer keeps O(k) gradient statistics; at the boundary :func:`~seftkit.repair.evolution.evolve_layer`
+drops the weakest slots, grows new ones where the gradient is largest (reviving pruned weights unless
+confined) and, when reviving, gives up as many active weights of least sensitivity so the layer's non-zero
+count never changes. ``merge`` folds everything into plain modules with exactly the starting sparsity.
+
+Confined mode (``seft-no-revive``, or any N:M target) grows only inside the active set, which then never
+changes, so an N:M pattern always holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from seftkit.errors import SeftkitError
+from seftkit.models import linear_weight
+from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
+from seftkit.repair.delta import SparseDeltaLinear, gather_flat, replace_module
+from seftkit.repair.evolution import (
+    Candidates,
+    bottom_positions,
+    candidate_count,
+    drop_fraction,
+    evolve_layer,
+    reset_optimizer_entries,
+    top_positions,
+)
+from seftkit.repair.method import RepairMethod
+from seftkit.sparsity.masks import nm_valid
+from seftkit.sparsity.pattern import parse_nm
+
+log = logging.getLogger(__name__)
+
+INIT_WINDOW = -1  # the accumulation window of the initial slot choice, before step 0
+INIT_MODES = ("grad", "random")
+
+
+def delta_budget(config: RepairConfig, out_features: int, in_features: int) -> int:
+    """Slots for one layer: ``delta_density`` of its weights when given, else ``lora_rank_equivalent`` r
+    times (in + out), the parameter count of a rank-r LoRA on that layer (a like-for-like comparison)."""
+    if config.delta_density is not None:
+        return round(config.delta_density * out_features * in_features)
+    if config.lora_rank_equivalent is not None:
+        return config.lora_rank_equivalent * (in_features + out_features)
+    raise SeftkitError("SEFT needs a budget: give --delta-density or --lora-rank-equivalent")
+
+
+def check_config(config: RepairConfig) -> None:
+    """Reject SEFT knobs that cannot work, with the option to fix."""
+    if config.update_interval < 1:
+        raise SeftkitError(f"--update-interval must be at least 1, got {config.update_interval}")
+    if config.accumulation_steps < 1:
+        raise SeftkitError(f"--accumulation-steps must be at least 1, got {config.accumulation_steps}")
+    if not 0.0 <= config.drop_rate <= 1.0:
+        raise SeftkitError(f"--drop-rate must be in [0, 1], got {config.drop_rate}")
+    if config.drop_schedule not in DROP_SCHEDULES:
+        raise SeftkitError(f"unknown --drop-schedule {config.drop_schedule!r}: use {', '.join(DROP_SCHEDULES)}")
+    if config.init not in INIT_MODES:
+        raise SeftkitError(f"unknown --init {config.init!r}: use {', '.join(INIT_MODES)}")
+    if config.delta_density is not None and not 0.0 < config.delta_density <= 1.0:
+        raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
+    if config.delta_density is None and config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
+        raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
+
+
+@dataclass
+class _Layer:
+    """One wrapped linear and its evolution bookkeeping (all O(k) besides the module's active mask)."""
+
+    name: str
+    module: SparseDeltaLinear
+    k: int
+    target_nnz: int
+    cleared: torch.Tensor  # positions whose non-zero base weight adapt set to 0 (to resume and count revivals)
+    window: int | None = None  # the boundary the candidates below are accumulated for
+    grow: Candidates | None = None
+    sensitivity: Candidates | None = None
+    nnz_after: int | None = None  # set by merge
+    revived_final: int | None = None  # set by merge
+
+    def revived(self) -> int:
+        """Pruned weights brought back to life: non-zero effective weights where the starting base was zero."""
+        module = self.module
+        zero_at_start = (module.weight == 0).contiguous()
+        zero_at_start.view(-1)[self.cleared] = False
+        return int((zero_at_start & (module.merged_weight() != 0)).sum())
+
+
+@dataclass
+class _Totals:
+    dropped: int = 0
+    grown: int = 0
+    revived: int = 0
+    emptied: int = 0  # dead revived weights (delta dropped, base 0) that made room for new revivals
+    removed_by_sensitivity: int = 0
+    boundaries: int = 0
+
+
+class SeftMethod(RepairMethod):
+    """Sparse delta fine-tuning with topology evolution (revive mode unless ``config.revive`` is False or
+    ``config.nm`` is set)."""
+
+    name = "seft"
+
+    def __init__(self, config: RepairConfig) -> None:
+        super().__init__(config)
+        check_config(config)
+        self.nm = parse_nm(config.nm) if config.nm else None
+        self.revive = config.revive and self.nm is None
+        self.layers: list[_Layer] = []
+        self.init_event: dict[str, Any] | None = None
+        self._model: nn.Module | None = None
+        self._requires_grad: dict[nn.Parameter, bool] = {}
+        self._init_pending = False
+        self._totals = _Totals()
+        self._merged = False
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
+        if not targets:
+            raise SeftkitError("no target linears to repair; check --include/--exclude")
+        self._model = model
+        self._requires_grad = {param: param.requires_grad for param in model.parameters()}
+        model.requires_grad_(False)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        for name, module in targets.items():
+            weight = linear_weight(module)
+            if self.nm is not None and not nm_valid(weight, *self.nm):
+                raise SeftkitError(
+                    f"{name} is not {self.config.nm} sparse; prune it with --nm {self.config.nm} before repair"
+                )
+            active = (weight != 0).contiguous()  # row-major [out, in], also for Conv1D's transposed view
+            target_nnz = int(active.sum())
+            # every slot lies in the active set after each boundary, so the budget cannot exceed it
+            k = min(delta_budget(self.config, *weight.shape), target_nnz)
+            active_positions = torch.nonzero(active.view(-1)).flatten()
+            if self.config.init == "random":
+                pick = torch.randperm(active_positions.numel(), generator=generator)[:k]
+                indices = active_positions[pick.to(active_positions.device)]
+            else:  # placeholders (values are 0, so T = W) until finish_init picks the real slots
+                indices = active_positions[:k]
+            wrapped = SparseDeltaLinear(module, indices, active)
+            replace_module(model, name, wrapped)
+            cleared = torch.empty(0, dtype=torch.long, device=weight.device)
+            self.layers.append(_Layer(name, wrapped, k, target_nnz, cleared))
+        if self.config.init == "grad":
+            self._init_pending = True
+            self._set_window(INIT_WINDOW)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [layer.module.values for layer in self.layers]
+
+    def init_passes(self) -> int:
+        return self.config.accumulation_steps if self.config.init == "grad" else 0
+
+    def finish_init(self) -> None:
+        """Pick the initial slots: the k largest accumulated |dW| (then adapt when reviving)."""
+        if not self._init_pending:
+            return
+        self._set_window(None)
+        self.init_event = self._evolve(INIT_WINDOW, lambda layer: layer.k, optimizer=None, count=False)
+        self._init_pending = False
+
+    def before_backward(self, step: int) -> None:
+        if self._init_pending:
+            return
+        boundary = self._next_boundary(step)
+        in_window = boundary is not None and step > boundary - self.config.accumulation_steps
+        self._set_window(boundary if in_window else None)
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        if not self.is_boundary(step):
+            return None
+        self._set_window(None)
+        p = drop_fraction(step + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
+        event = self._evolve(step, lambda layer: math.floor(p * layer.k), optimizer=optimizer, count=True)
+        return {"step": step, "p": p, **event}
+
+    def merge(self) -> None:
+        if self._model is None or self._merged:
+            raise RuntimeError("merge() needs an attached, not yet merged SEFT method")
+        self._set_window(None)
+        for layer in self.layers:
+            if int(layer.module.active.sum()) != layer.target_nnz:
+                raise RuntimeError(f"{layer.name}: active set has drifted from its target size")
+            layer.revived_final = layer.revived()
+            base = layer.module.merge_into_base()
+            replace_module(self._model, layer.name, base)
+            layer.nnz_after = int((linear_weight(base) != 0).sum())
+        for param, flag in self._requires_grad.items():
+            param.requires_grad_(flag)
+        self._merged = True
+
+    # -- boundaries and accumulation --------------------------------------------------------------------
+
+    def is_boundary(self, step: int) -> bool:
+        """Topology updates happen after every ``update_interval``-th step, except after the last step."""
+        return (step + 1) % self.config.update_interval == 0 and step < self.config.steps - 1
+
+    def _next_boundary(self, step: int) -> int | None:
+        boundary = (step // self.config.update_interval + 1) * self.config.update_interval - 1
+        return boundary if boundary < self.config.steps - 1 else None
+
+    def _grow_count(self, layer: _Layer, window: int) -> int:
+        if window == INIT_WINDOW:
+            return layer.k
+        p = drop_fraction(window + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
+        return math.floor(p * layer.k)
+
+    def _set_window(self, window: int | None) -> None:
+        """Turn gradient accumulation for the update at ``window`` on in every layer (None: off)."""
+        for layer in self.layers:
+            layer.module.grad_hook = None if window is None else partial(self._accumulate, layer, window)
+
+    @torch.no_grad()
+    def _accumulate(self, layer: _Layer, window: int, dense_grad: torch.Tensor, effective: torch.Tensor) -> None:
+        """Backward hook: the first pass of a window fixes O(k) candidates, every pass adds to their scores."""
+        if layer.window != window:
+            self._select_candidates(layer, window, dense_grad, effective)
+        layer.grow.add(dense_grad)
+        if layer.sensitivity is not None:
+            layer.sensitivity.add(dense_grad, effective)
+
+    def _select_candidates(
+        self, layer: _Layer, window: int, dense_grad: torch.Tensor, effective: torch.Tensor
+    ) -> None:
+        n = self._grow_count(layer, window)
+        active = layer.module.active
+        eligible = torch.ones_like(active)
+        if window != INIT_WINDOW:  # the placeholder slots of the initial choice are fair game
+            eligible.view(-1)[layer.module.indices.long()] = False
+        magnitude = dense_grad.abs()
+        inside = top_positions(magnitude, candidate_count(n, layer.target_nnz), eligible & active)
+        if self.revive:
+            # anywhere for growth, plus the best inside the active set to refill slots that adapt displaces
+            anywhere = top_positions(magnitude, candidate_count(n, eligible.numel()), eligible)
+            layer.grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
+            sensitivity = (effective.float() * dense_grad.float()).abs()
+            lowest = bottom_positions(sensitivity, candidate_count(n, layer.target_nnz), active)
+            layer.sensitivity = Candidates.at(lowest)
+        else:
+            layer.grow = Candidates.at(inside)
+            layer.sensitivity = None
+        layer.window = window
+
+    @torch.no_grad()
+    def _evolve(
+        self,
+        window: int,
+        grow_count: Callable[[_Layer], int],
+        optimizer: torch.optim.Optimizer | None,
+        count: bool,
+    ) -> dict[str, Any]:
+        event = _Totals(boundaries=1)
+        nnz_ok = True
+        for layer in self.layers:
+            module = layer.module
+            device = module.indices.device
+            empty = Candidates.at(torch.empty(0, dtype=torch.long, device=device))
+            fresh = layer.window == window
+            grow = layer.grow if fresh else empty
+            sensitivity = (layer.sensitivity if fresh else empty) if self.revive else None
+            indices = module.indices.long()
+            step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow, grow_count(layer),
+                                sensitivity, module.weight)
+            module.indices.copy_(indices)
+            module.values[step.repurposed] = 0
+            if optimizer is not None:
+                reset_optimizer_entries(optimizer, module.values, step.repurposed)
+            if step.removed.numel():
+                self._clear(layer, step.removed)
+            layer.window, layer.grow, layer.sensitivity = None, None, None
+            event.dropped += step.dropped
+            event.grown += step.grown
+            event.revived += step.revived
+            event.emptied += step.emptied
+            event.removed_by_sensitivity += step.removed_by_sensitivity
+            nnz_ok &= int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
+        if count:
+            for name, value in dataclasses.asdict(event).items():
+                setattr(self._totals, name, getattr(self._totals, name) + value)
+        log.debug("SEFT update at %s: %s", window, event)
+        record = dataclasses.asdict(event)
+        del record["boundaries"]
+        return {**record, "nnz_ok": nnz_ok}
+
+    @staticmethod
+    def _clear(layer: _Layer, removed: torch.Tensor) -> None:
+        """Zero the base weight where adapt removed positions, remembering which were non-zero."""
+        was_nonzero = removed[gather_flat(layer.module.weight, removed) != 0]
+        layer.cleared = torch.unique(torch.cat([layer.cleared, was_nonzero]))
+        layer.module.clear_weights(removed)
+
+    # -- resume and report ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        layers = {}
+        for layer in self.layers:
+            layers[layer.name] = {
+                "indices": layer.module.indices.clone(),
+                "active": layer.module.active.clone(),
+                "cleared": layer.cleared.clone(),
+                "window": layer.window,
+                "grow": None if layer.grow is None else _clone_state(layer.grow),
+                "sensitivity": None if layer.sensitivity is None else _clone_state(layer.sensitivity),
+            }
+        return {"init_pending": self._init_pending, "totals": dataclasses.asdict(self._totals), "layers": layers}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [layer.name for layer in self.layers]
+        if sorted(state["layers"]) != sorted(names):
+            raise SeftkitError("SEFT checkpoint does not match the model's target layers")
+        for layer in self.layers:
+            saved = state["layers"][layer.name]
+            module = layer.module
+            module.indices.copy_(saved["indices"])
+            module.active.copy_(saved["active"])
+            device = module.indices.device
+            layer.cleared = saved["cleared"].to(device)
+            module.clear_weights(layer.cleared)
+            layer.window = saved["window"]
+            layer.grow = _restore(saved["grow"], device)
+            layer.sensitivity = _restore(saved["sensitivity"], device)
+        self._totals = _Totals(**state["totals"])
+        self._init_pending = state["init_pending"]
+        self._set_window(INIT_WINDOW if self._init_pending else None)
+
+    def summary(self) -> dict[str, Any]:
+        layers = {}
+        for layer in self.layers:
+            nnz_after = layer.nnz_after if self._merged else int(layer.module.active.sum())
+            layers[layer.name] = {"k": layer.k, "nnz_before": layer.target_nnz, "nnz_after": nnz_after}
+        revived = sum(layer.revived_final if self._merged else layer.revived() for layer in self.layers)
+        return {
+            "revive": self.revive,
+            "trainable": sum(layer.k for layer in self.layers),
+            "revived_weights": revived,
+            "updates": dataclasses.asdict(self._totals),
+            "init": self.init_event,
+            "layers": layers,
+        }
+
+
+def _clone_state(candidates: Candidates) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in candidates.state_dict().items()}
+
+
+def _restore(state: dict[str, torch.Tensor] | None, device: torch.device) -> Candidates | None:
+    if state is None:
+        return None
+    return Candidates.from_state({key: value.to(device, copy=True) for key, value in state.items()})
+
+
+def _no_revive(config: RepairConfig) -> SeftMethod:
+    return SeftMethod(dataclasses.replace(config, revive=False))
+
+
+METHODS: dict[str, Callable[[RepairConfig], RepairMethod]] = {"seft": SeftMethod, "seft-no-revive": _no_revive}
+"""Factories the trainer looks up by ``config.method``."""
