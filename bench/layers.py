@@ -1,0 +1,296 @@
+"""Layer timing: seftkit's sparse kernels against the fastest dense baseline, measured honestly.
+
+Hygiene, because a decode-size product is a memory-bandwidth measurement and easy to flatter:
+- streaming: every backend cycles through enough copies of its weight that the copies outsize the L3
+  cache twice, so each call reads DRAM as in a real model (a single hot 4096x4096 matrix would sit in cache);
+- warm-up first, then interleaved rounds (the backends take turns, order rotated every round) so drift in a
+  shared machine's load hits all of them alike; min and median per backend are kept;
+- the headline speedup is against dense torch ``F.linear`` in the *same weight dtype* (for bf16 that is
+  oneDNN, the fastest dense path in torch on CPU; fp32 is shown beside it, labelled), with the ceiling
+  (dense bytes / sparse bytes) beside it; where sparse is slower the row says so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from seftkit.errors import SeftkitError
+from seftkit.kernels import cuda24
+from seftkit.kernels.build import kernel_isa, native
+from seftkit.kernels.formats import BitmapWeight, pack_bitmap
+from seftkit.sparsity.masks import pattern_mask
+from seftkit.sparsity.pattern import SparsityPattern
+
+LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+DEFAULT_MODEL_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+CPU_BACKENDS = ("dense", "dense-fp32", "sparse", "csr")
+BACKENDS = (*CPU_BACKENDS, "cuda24")
+DEFAULT_BACKENDS = ("dense", "dense-fp32", "sparse")
+_FALLBACK_L3 = 32 << 20
+_REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vbmi2", "avx512_bf16", "amx_bf16")
+
+
+@dataclass
+class Timing:
+    min_ms: float
+    median_ms: float
+    bytes_per_weight: float
+    copies: int
+
+
+@dataclass
+class LayerResult:
+    shape: tuple[int, int]
+    batch: int
+    timings: dict[str, Timing]
+    speedup: float | None  # baseline min / sparse min
+    speedup_median: float | None
+    speedup_vs_fp32: float | None
+    ceiling: float | None  # dense bytes / sparse bytes: the most a bandwidth-bound kernel can gain
+    cuda_speedup: float | None = None
+
+
+@dataclass
+class MachineInfo:
+    threads: int
+    cpu: str
+    cpu_flags: list[str]
+    kernel_isa: str
+    l3_bytes: int
+    stream_bytes: int
+    torch: str = torch.__version__
+
+
+@dataclass
+class LayerBench:
+    pattern: str
+    dtype: str
+    machine: MachineInfo
+    results: list[LayerResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it did not run
+
+
+def l3_bytes() -> int:
+    """The last-level cache size from sysfs (a 32 MiB guess when the kernel does not say)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                text = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+                return int(text.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return _FALLBACK_L3
+
+
+def machine_info(stream_bytes: int) -> MachineInfo:
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = kernel_isa().name.lower() if native() is not None else "unavailable (dense fallback)"
+    return MachineInfo(torch.get_num_threads(), cpu, [f for f in _REPORTED_FLAGS if f in flags], isa,
+                       l3_bytes(), stream_bytes)
+
+
+def random_pruned(shape: tuple[int, int], pattern: SparsityPattern, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A random weight pruned to the pattern by magnitude (unstructured: per row, as Wanda prunes)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=generator)
+    return (weight * pattern_mask(weight.abs(), pattern, per_row=True)).to(dtype)
+
+
+@dataclass
+class _Backend:
+    """How one backend holds a weight and computes ``x @ W.T`` with it."""
+
+    name: str
+    operand: Callable[[torch.Tensor], Any]
+    call: Callable[[torch.Tensor, Any], torch.Tensor]
+    nbytes: Callable[[Any], int]
+    x_dtype: torch.dtype
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _sparse_call(x: torch.Tensor, packed: BitmapWeight) -> torch.Tensor:
+    return native().bitmap_matmul(x, packed.values, packed.bits, packed.row_ptr, packed.shape[1],
+                                  int(kernel_isa()))
+
+
+def _to_csr(weight: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+        return weight.float().to_sparse_csr()
+
+
+def _csr_bytes(w: torch.Tensor) -> int:
+    return sum(_tensor_bytes(t) for t in (w.values(), w.crow_indices(), w.col_indices()))
+
+
+def cpu_backends(names: tuple[str, ...], dtype: torch.dtype) -> list[_Backend]:
+    table = {
+        "dense": _Backend("dense", lambda w: w.to(dtype).contiguous(), F.linear, _tensor_bytes, dtype),
+        "dense-fp32": _Backend("dense-fp32", lambda w: w.float().contiguous(), F.linear, _tensor_bytes,
+                               torch.float32),
+        "sparse": _Backend("sparse", lambda w: pack_bitmap(w.to(dtype)), _sparse_call, lambda p: p.nbytes, dtype),
+        "csr": _Backend("csr", _to_csr, lambda x, w: torch.mm(w, x.T).T, _csr_bytes, torch.float32),
+    }
+    chosen = [table[name] for name in names if name in table]
+    if dtype == torch.float32:  # the fp32 baseline is the baseline
+        chosen = [b for b in chosen if b.name != "dense-fp32"]
+    return chosen
+
+
+def _copies(backend: _Backend, weight: torch.Tensor, stream_bytes: int) -> list[Any]:
+    first = backend.operand(weight)
+    count = max(1, math.ceil(stream_bytes / backend.nbytes(first)))
+    clone = (lambda p: p.clone()) if isinstance(first, BitmapWeight) else (lambda t: t.clone())
+    return [first] + [clone(first) for _ in range(count - 1)]
+
+
+def _time_round(backend: _Backend, x: torch.Tensor, operands: list[Any], min_calls: int) -> float:
+    calls = max(len(operands), min_calls)
+    start = time.perf_counter()
+    for i in range(calls):
+        backend.call(x, operands[i % len(operands)])
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def _speedups(result: LayerResult) -> None:
+    t = result.timings
+    if "sparse" not in t:
+        return
+    if "dense" in t:
+        result.speedup = t["dense"].min_ms / t["sparse"].min_ms
+        result.speedup_median = t["dense"].median_ms / t["sparse"].median_ms
+        result.ceiling = t["dense"].bytes_per_weight / t["sparse"].bytes_per_weight
+    if "dense-fp32" in t:
+        result.speedup_vs_fp32 = t["dense-fp32"].min_ms / t["sparse"].min_ms
+
+
+def bench_shape(weight: torch.Tensor, batches: list[int], backends: list[_Backend], rounds: int,
+                stream_bytes: int, min_calls: int = 4) -> list[LayerResult]:
+    """Time every backend on one pruned weight for every batch size, interleaved."""
+    shape = tuple(weight.shape)
+    operands = {b.name: _copies(b, weight, stream_bytes) for b in backends}
+    weights = shape[0] * shape[1]
+    results = []
+    for batch in batches:
+        xs = {b.name: torch.randn(batch, shape[1]).to(b.x_dtype) for b in backends}
+        for b in backends:  # warm-up: one full cycle (caches, oneDNN primitives, page faults)
+            _time_round(b, xs[b.name], operands[b.name], 1)
+        times: dict[str, list[float]] = {b.name: [] for b in backends}
+        for r in range(rounds):
+            order = backends[r % len(backends):] + backends[: r % len(backends)]
+            for b in order:
+                times[b.name].append(_time_round(b, xs[b.name], operands[b.name], min_calls))
+        timings = {
+            b.name: Timing(min(times[b.name]), statistics.median(times[b.name]),
+                           b.nbytes(operands[b.name][0]) / weights, len(operands[b.name]))
+            for b in backends
+        }
+        result = LayerResult(shape, batch, timings, None, None, None, None)
+        _speedups(result)
+        results.append(result)
+    return results
+
+
+def bench_cuda24_shape(result_rows: list[LayerResult], shape: tuple[int, int], pattern: SparsityPattern,
+                       rounds: int) -> None:
+    """Add GPU dense vs 2:4 timings (CUDA events) to the CPU rows of this shape."""
+    weight = random_pruned(shape, pattern, torch.bfloat16).cuda()
+    sparse = cuda24.to_cuda24(weight)
+    for row in result_rows:
+        dense_min, dense_med = cuda24.time_linear_ms(weight, row.batch, rounds)
+        sparse_min, sparse_med = cuda24.time_linear_ms(sparse, row.batch, rounds)
+        row.timings["cuda-dense"] = Timing(dense_min, dense_med, 2.0, 1)
+        row.timings["cuda24"] = Timing(sparse_min, sparse_med, 1.125, 1)
+        row.cuda_speedup = dense_min / sparse_min
+
+
+def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batches: list[int],
+                 dtype: torch.dtype, backends: tuple[str, ...] = DEFAULT_BACKENDS, rounds: int = 5,
+                 streaming: bool = True, weights: dict[tuple[int, int], torch.Tensor] | None = None,
+                 progress: bool = True) -> LayerBench:
+    """Time each shape x batch on each backend; see the module docstring for the method.
+
+    ``weights`` gives a model's own pruned weight per shape; other shapes get random pruned weights.
+    """
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise SeftkitError(f"unknown backend {unknown[0]!r}: use {', '.join(BACKENDS)}")
+    if rounds < 1 or not batches or min(batches) < 1:
+        raise SeftkitError("--rounds and every --batch must be positive integers")
+    stream_bytes = 2 * l3_bytes() if streaming else 0
+    report = LayerBench(pattern.describe(), str(dtype).removeprefix("torch."), machine_info(stream_bytes))
+    chosen = cpu_backends(tuple(backends), dtype)
+    if "sparse" in backends and native() is None:
+        report.skipped["sparse"] = "native kernels could not be built (see the warning above)"
+        chosen = [b for b in chosen if b.name != "sparse"]
+    cuda_reason = None
+    if "cuda24" in backends:
+        cuda_reason = cuda24.unavailable_reason() or (None if pattern.is_nm and (pattern.n, pattern.m) == (2, 4)
+                                                      else f"needs --nm 2:4, not {pattern.describe()}")
+        if cuda_reason:
+            report.skipped["cuda24"] = cuda_reason
+    for shape in tqdm(shapes, desc="bench layers", unit="shape", disable=not progress):
+        weight = weights[shape] if weights and shape in weights else random_pruned(shape, pattern, dtype)
+        rows = bench_shape(weight, batches, chosen, rounds, stream_bytes)
+        if "cuda24" in backends and cuda_reason is None:
+            unfit = cuda24.weight_unfit_reason(random_pruned(shape, pattern, torch.bfloat16))
+            if unfit:
+                report.skipped[f"cuda24 {shape[0]}x{shape[1]}"] = unfit
+            else:
+                bench_cuda24_shape(rows, shape, pattern, rounds)
+        report.results.extend(rows)
+    return report
+
+
+def format_layers(report: LayerBench) -> list[str]:
+    """Human summary lines for stdout: one row per shape x batch, the losses marked."""
+    m = report.machine
+    stream = f"streaming {m.stream_bytes / 2**20:.0f} MiB per backend" if m.stream_bytes else "hot cache (no streaming)"
+    lines = [
+        f"layers: {report.pattern}, {report.dtype} weights, {m.threads} thread(s), kernels {m.kernel_isa}, "
+        f"{stream} (L3 {m.l3_bytes / 2**20:.0f} MiB); CPU flags: {' '.join(m.cpu_flags) or 'none'}",
+        f"{'shape':>12} {'batch':>5} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'median':>7} "
+        f"{'vs fp32':>8} {'B/weight':>9} {'ceiling':>8}",
+    ]
+    for r in report.results:
+        t = r.timings
+        cells = [f"{r.shape[0]}x{r.shape[1]:<5}".rjust(12), f"{r.batch:>5}",
+                 f"{t['dense'].min_ms:9.3f}" if "dense" in t else f"{'-':>9}",
+                 f"{t['sparse'].min_ms:9.3f}" if "sparse" in t else f"{'-':>9}"]
+        if r.speedup is not None:
+            cells += [f"{r.speedup:7.2f}x", f"{r.speedup_median:6.2f}x",
+                      f"{r.speedup_vs_fp32:7.2f}x" if r.speedup_vs_fp32 is not None else f"{'-':>8}",
+                      f"{t['sparse'].bytes_per_weight:9.3f}", f"{r.ceiling:7.2f}x"]
+            if r.speedup < 1:
+                cells.append("  sparse slower")
+        if r.cuda_speedup is not None:
+            cells.append(f"  cuda24 {r.cuda_speedup:.2f}x")
+        lines.append(" ".join(cells))
+    lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
+    lines.append("speedup = dense min / sparse min (same weight dtype); ceiling = dense bytes / sparse bytes")
+    return lines

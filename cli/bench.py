@@ -1,0 +1,79 @@
+"""``seftkit bench``: how much faster a sparse model runs here, against the fastest dense torch baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from seftkit.cli.common import handle_errors, json_option, write_report
+
+from seftkit.errors import SeftkitError
+from seftkit.sparsity.pattern import parse_pattern
+
+
+@dataclass
+class BenchReport:
+    layers: Any  # seftkit.bench.layers.LayerBench
+    decode: Any = None  # seftkit.bench.decode.DecodeResult when a MODEL was given
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SeftkitError(f"{option} takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SeftkitError(f"{option} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--sparsity", type=float, help="Unstructured sparsity to prune to (e.g. 0.7).")
+@click.option("--nm", help="N:M pattern to prune to (e.g. 2:4).")
+@click.option("--batch", default="1,4,16", show_default=True, help="Comma-separated batch sizes (tokens per call).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Weight dtype of both the sparse kernels and the dense baseline.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch.set_num_threads.")
+@click.option("--backends", default="dense,dense-fp32,sparse", show_default=True,
+              help="Comma-separated: dense, dense-fp32, sparse, csr (torch CSR), cuda24 (GPU 2:4).")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Greedy tokens per decode run (with MODEL).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved timing rounds (min and median are reported).")
+@click.option("--no-stream", is_flag=True, help="Time hot-cache weights instead of streaming 2x L3 of copies.")
+@json_option
+@handle_errors
+def bench(model: str | None, sparsity: float | None, nm: str | None, batch: str, dtype: str, threads: int,
+          backends: str, tokens: int, rounds: int, no_stream: bool, json_path: str | None) -> None:
+    """Time sparse kernels against dense torch, per layer shape and (with MODEL) for end-to-end decode.
+
+    Without MODEL: LLaMA-7B and SmolLM2-135M layer shapes with random weights pruned to the pattern. With
+    MODEL (HF folder or smollm2-135m): that model, pruned by magnitude to the pattern, per distinct layer
+    shape and as greedy decode tokens/s, dense vs sparse.
+    """
+    pattern = parse_pattern(sparsity, nm)
+    batches = parse_int_list(batch, "--batch")
+    chosen = tuple(name.strip() for name in backends.split(",") if name.strip())
+
+    import torch
+    from seftkit.bench.decode import bench_decode, distinct_linear_weights, format_decode, load_pruned
+    from seftkit.bench.layers import DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES, bench_layers, format_layers
+
+    from seftkit.models import resolve_dtype
+
+    torch.set_num_threads(threads)
+    torch_dtype = resolve_dtype(dtype)
+    if model is None:
+        shapes, weights, pruned, tokenizer = [*LLAMA7B_SHAPES, *DEFAULT_MODEL_SHAPES], None, None, None
+    else:
+        pruned, tokenizer = load_pruned(model, pattern, dtype)
+        weights = distinct_linear_weights(pruned)
+        shapes = list(weights)
+    report = BenchReport(bench_layers(shapes, pattern, batches, torch_dtype, chosen, rounds, not no_stream, weights))
+    click.echo("\n".join(format_layers(report.layers)))
+    if pruned is not None and "sparse" in chosen:
+        report.decode = bench_decode(pruned, tokenizer, model, tokens, rounds)
+        click.echo("\n".join(format_decode(report.decode)))
+    write_report(json_path, report)
