@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -18,10 +21,17 @@ ALL_METHODS = ("seft", "seft-no-revive", "lora-prune", "masked-lora", "static")
 FAMILIES = ("llama", "qwen2", "gpt2", "opt")
 
 
-def pruned_tiny(family: str = "llama", sparsity: float | None = 0.5, nm: str | None = None):
+@functools.cache
+def _pruned(family: str, sparsity: float | None, nm: str | None):
     model, tokenizer = make_tiny_model(family)
     prune_model(model, tokenizer, "magnitude", parse_pattern(sparsity if nm is None else None, nm), progress=False)
     return model, tokenizer
+
+
+def pruned_tiny(family: str = "llama", sparsity: float | None = 0.5, nm: str | None = None):
+    """A fresh copy of a magnitude-pruned tiny model (built once per pattern: tokenizer training is slow)."""
+    model, tokenizer = _pruned(family, sparsity, nm)
+    return copy.deepcopy(model), tokenizer
 
 
 def nnz(model) -> dict[str, int]:

@@ -239,8 +239,8 @@ def run_init_passes(model: nn.Module, method: RepairMethod, batches, device: tor
     """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step."""
     passes = method.init_passes()
     for index in range(passes):
-        loss = micro_batch_loss(model, batches.micro_batch(index), device)
         method.before_backward(0)
+        loss = micro_batch_loss(model, batches.micro_batch(index), device)
         (loss / passes).backward()
     if passes:
         method.finish_init()
@@ -267,12 +267,12 @@ def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimiz
                 group["lr"] = learning_rate(config, step)
             total = 0.0
             for micro in range(config.grad_accum):
+                method.before_backward(step)  # before the forward: autograd functions capture hooks there
                 loss = micro_batch_loss(model, batches.micro_batch(step * config.grad_accum + micro), device)
                 if not torch.isfinite(loss):
                     kept = (f"the last good checkpoint is kept in {checkpoint_dir}"
                             if checkpoint_dir is not None and has_checkpoint(checkpoint_dir) else "no checkpoint")
                     raise DivergenceError(f"loss became {loss.item()} at step {step}; try a lower --lr ({kept})")
-                method.before_backward(step)
                 (loss / config.grad_accum).backward()
                 total += loss.item() / config.grad_accum
             optimizer.step()
