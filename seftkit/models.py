@@ -89,9 +89,11 @@ def _ensure_builtin(name: str) -> Path:
         _convert_gguf(gguf_dir, info["gguf"], tmp)
         try:
             os.rename(tmp, final)
-        except OSError:
+        except OSError as exc:
             if not (final / "config.json").is_file():  # a different failure than losing the race
-                raise
+                raise SeftkitError(
+                    f"cannot move the converted {name} into {final} ({exc.strerror}); remove that folder and retry"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
