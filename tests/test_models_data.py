@@ -166,6 +166,15 @@ def test_losing_the_conversion_race_is_fine(tmp_path, monkeypatch):
     assert all(torch.equal(winner[k], expected[k]) for k in expected)
 
 
+def test_stale_cache_folder_is_a_clear_error(fake_conversion, tmp_path):
+    final = tmp_path / "cache" / "smollm2-135m-instruct"
+    final.mkdir(parents=True)
+    (final / "leftover").write_text("an interrupted copy, no config.json")
+    with pytest.raises(SeftkitError, match=f"cannot move the converted smollm2-135m into {final} .*remove that"):
+        models.resolve_model_path("smollm2-135m")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["smollm2-135m-instruct"]
+
+
 # --- atomic outputs -----------------------------------------------------------------------------------------
 
 
