@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -213,3 +214,43 @@ def test_cuda24_linear_matches_dense():
     weight = pruned(128, 128, torch.float16, nm=(2, 4)).cuda()
     x = torch.randn(16, 128, dtype=torch.float16, device="cuda")
     torch.testing.assert_close(F.linear(x, cuda24.to_cuda24(weight)), F.linear(x, weight), rtol=1e-2, atol=1e-2)
+
+
+def run_bench(*args):
+    from click.testing import CliRunner
+    from seftkit.cli.main import cli
+
+    return CliRunner().invoke(cli, ["bench", *map(str, args)])
+
+
+def test_bench_command_on_a_model_reports_layers_and_decode(llama_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bench(llama_dir, "--sparsity", 0.7, "--dtype", "fp32", "--batch", "1,3", "--rounds", 1,
+                       "--tokens", 4, "--no-stream", "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    layers = report["layers"]
+    # tiny llama: q/o 32x32, k/v 16x32, gate/up 64x32, down 32x64 -> four shapes, two batches each
+    assert [(tuple(r["shape"]), r["batch"]) for r in layers["results"]] == [
+        (shape, batch) for shape in ((32, 32), (16, 32), (64, 32), (32, 64)) for batch in (1, 3)]
+    assert all(set(r["timings"]) == {"dense", "sparse"} and r["speedup"] > 0 for r in layers["results"])
+    assert layers["machine"]["threads"] == 1 and layers["machine"]["stream_bytes"] == 0
+    decode = report["decode"]
+    assert decode["sparse_layers"] == decode["target_layers"] == 14
+    assert decode["identical_tokens"] == decode["compared_tokens"] == 4
+    assert decode["prompt_logits_max_diff"] < 1e-3
+    assert "decode" in result.stdout and "tok/s" in result.stdout and "ceiling" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "0.5", "--nm", "2:4"], "give either --sparsity or --nm, not both"),
+    (["--nm", "2:4", "--batch", "1,x"], "--batch takes comma-separated positive integers"),
+    (["--nm", "2:4", "--batch", "0"], "--batch takes comma-separated positive integers"),
+    (["--sparsity", "0.5", "--backends", "dense,warp"], "unknown backend 'warp'"),
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+])
+def test_bench_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_bench(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("seftkit: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
