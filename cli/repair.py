@@ -1,0 +1,66 @@
+"""``seftkit repair``: SEFT (or a baseline) on a pruned model; the output keeps the input's sparsity exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from seftkit.cli.common import device_option, handle_errors, json_option, write_report
+
+from seftkit.data import DEFAULT_TRAIN_TEXT
+from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
+
+
+@click.command()
+@click.argument("model")
+@click.option("--data", default=DEFAULT_TRAIN_TEXT, show_default=True,
+              help="Training data: text (file, JSONL, Arrow, olmo:lambada:train) or a task (olmo:piqa ...), "
+                   "trained on its train split with loss on the answer only.")
+@click.option("--method", type=click.Choice(METHODS), default="seft", show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per text window.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (linear decay to 0).")
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--delta-density", type=float, help="Budget: trainable fraction of each layer's weights.")
+@click.option("--lora-rank-equivalent", type=int,
+              help="Budget: r * (in + out) per layer, a rank-r LoRA's count [default: 8 without --delta-density].")
+@click.option("--update-interval", type=int, default=20, show_default=True, help="SEFT: steps between evolutions.")
+@click.option("--accumulation-steps", type=int, default=5, show_default=True,
+              help="SEFT: backward passes that accumulate growth candidates before each evolution.")
+@click.option("--drop-rate", type=float, default=0.2, show_default=True, help="SEFT: initial drop fraction p0.")
+@click.option("--drop-schedule", type=click.Choice(DROP_SCHEDULES), default="cosine", show_default=True)
+@click.option("--init", "init", type=click.Choice(("grad", "random")), default="grad", show_default=True,
+              help="SEFT: initial slots from accumulated gradients or at random.")
+@click.option("--nm", help="Keep an N:M pattern (the input must already have it), e.g. 2:4.")
+@click.option("--include", help="Regex of weight names to repair (replaces the default decoder-block rule).")
+@click.option("--exclude", help="Regex of weight names to leave untouched.")
+@click.option("--eval-ppl", help="Perplexity data before and after, e.g. olmo:lambada:heldout.")
+@click.option("--eval-tasks", help="Comma-separated tasks scored before and after on their heldout split.")
+@click.option("--eval-limit", type=int, help="Questions per task.")
+@device_option
+@click.option("--dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True,
+              help="Dtype of the frozen weights (training math is bf16 autocast on CUDA).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--checkpoint-every", type=int, help="Write a resumable checkpoint to <out>.ckpt every N steps.")
+@click.option("--resume", is_flag=True, help="Continue from <out>.ckpt after an interruption.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: <model>-<method>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@json_option
+@handle_errors
+def repair(model: str, out: str | None, overwrite: bool, resume: bool, eval_tasks: str | None, json_path: str | None,
+           **options) -> None:
+    """Repair a sparse MODEL (HF folder or built-in name) with SEFT or a baseline, keeping its sparsity."""
+    from seftkit.eval.tasks import parse_task_names
+    from seftkit.repair import repair_checkpoint
+
+    if options["delta_density"] is None and options["lora_rank_equivalent"] is None:
+        options["lora_rank_equivalent"] = 8
+    config = RepairConfig(eval_tasks=parse_task_names(eval_tasks) if eval_tasks else [], **options)
+    out = out or f"{Path(model.rstrip('/')).name}-{config.method}"
+    report = repair_checkpoint(model, config, out, overwrite=overwrite, resume=resume)
+    click.echo("\n".join(report.summary_lines()))
+    write_report(json_path, report)
