@@ -105,19 +105,22 @@ def capture_block_inputs(
 class InputStatistics:
     """Sums a statistic of each hooked linear's inputs over all calibration tokens.
 
-    Linears fed the very same tensor (q/k/v, gate/up) share one computation per batch: the statistic is
-    computed for the first of them and only added for the others.
+    Forward pre-hooks see the inputs; once every hooked linear has seen the current batch nothing else in the
+    block matters, so the last hook stops the block (the stats pass skips e.g. the down projection and the rest
+    of the block). Linears fed the very same tensor (q/k/v, gate/up) share one statistic computation per batch.
     """
 
     def __init__(self, linears: dict[str, nn.Module], statistic: Statistic) -> None:
         self.statistic = statistic
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self._seen: set[str] = set()
+        self._count = len(linears)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if self._last is None or self._last[0] is not x:
                 self._last = (x, self.statistic(x.reshape(-1, x.shape[-1])))
@@ -127,12 +130,22 @@ class InputStatistics:
             else:
                 self.sums[name] = update.clone()
             self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
+            self._seen.add(name)
+            if len(self._seen) == self._count:
+                self._seen.clear()
+                self._last = None
+                raise _StopForward
 
         return hook
 
-    def end_batch(self) -> None:
-        """Forget the cached input so it can be freed (and never matched by identity again)."""
-        self._last = None
+    def collect(self, block: nn.Module, inputs: BlockInputs) -> None:
+        """Run every calibration batch through ``block`` just far enough to see all hooked inputs."""
+        for _, hidden, args, kwargs in inputs.batches():
+            try:
+                block(hidden, *args, **kwargs)
+            except _StopForward:
+                continue
+            raise RuntimeError("a hooked linear was not called by its block's forward")
 
     def mean(self, name: str) -> torch.Tensor:
         return self.sums[name] / self.tokens[name]
@@ -144,17 +157,12 @@ class InputStatistics:
 
 
 @torch.no_grad()
-def run_block(
-    block: nn.Module, inputs: BlockInputs, write_back: bool, after_batch: Callable[[], None] | None = None
-) -> None:
-    """Run every calibration batch through ``block``; with ``write_back`` its outputs replace its inputs."""
+def run_block(block: nn.Module, inputs: BlockInputs) -> None:
+    """Run every calibration batch through ``block`` and replace its inputs by its outputs."""
     for rows, hidden, args, kwargs in inputs.batches():
         out = block(hidden, *args, **kwargs)
-        if write_back:
-            out = out[0] if isinstance(out, tuple) else out
-            inputs.hidden[rows] = out.to(inputs.hidden.device)
-        if after_batch is not None:
-            after_batch()
+        out = out[0] if isinstance(out, tuple) else out
+        inputs.hidden[rows] = out.to(inputs.hidden.device)
 
 
 @torch.no_grad()
@@ -182,13 +190,13 @@ def prune_blockwise(
         if linears:
             stats = InputStatistics(linears, statistic)
             try:
-                run_block(block, inputs, write_back=False, after_batch=stats.end_batch)
+                stats.collect(block, inputs)
             finally:
                 stats.remove()
             for name, module in linears.items():
                 prune_linear(prefix + name, module, stats.mean(name))
             del stats
         if index + 1 < len(layers):
-            run_block(block, inputs, write_back=True)
+            run_block(block, inputs)
         peak_rss = max(peak_rss, process.memory_info().rss)
     return peak_rss
