@@ -260,3 +260,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many token positions the model can attend over (``None`` when its config does not say)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
