@@ -1,0 +1,40 @@
+"""``seftkit eval``: parse options, evaluate, print the table, write the report. The work is in seftkit.eval."""
+
+from __future__ import annotations
+
+import click
+from seftkit.cli.common import device_option, handle_errors, json_option, write_report
+
+from seftkit.data import DEFAULT_HELDOUT_TEXT
+
+
+@click.command()
+@click.argument("model")
+@click.option("--ppl", "ppl_data", help=f"Perplexity data: a built-in (olmo:...), a text/JSONL file or an Arrow "
+              f"folder [default: {DEFAULT_HELDOUT_TEXT} when --tasks is not given].")
+@click.option("--seqlen", type=int, default=512, show_default=True,
+              help="Perplexity window length (capped to the model's maximum positions).")
+@click.option("--tasks", help="Comma-separated multiple-choice tasks, e.g. arc_easy,arc_challenge,boolq,hellaswag,"
+              "piqa,openbookqa,winogrande (also rte, copa, sciq, social_iqa, commonsense_qa).")
+@click.option("--split", type=click.Choice(["train", "heldout"]),
+              help="Score only the train or heldout part of each task [default: all validation questions].")
+@click.option("--limit", type=int, help="At most this many questions per task (the first ones), for quick looks.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Perplexity windows or questions per forward pass.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@device_option
+@json_option
+@handle_errors
+def eval(model: str, ppl_data: str | None, seqlen: int, tasks: str | None, split: str | None, limit: int | None,
+         batch_size: int, dtype: str, device: str, json_path: str | None) -> None:
+    """Perplexity and zero-shot multiple-choice accuracy of MODEL (HF folder or built-in name), offline.
+
+    Perplexity follows the Wanda/SparseGPT protocol; accuracy is scored like lm-evaluation-harness
+    (acc, length-normalised acc_norm, standard errors).
+    """
+    from seftkit.eval import evaluate_model
+
+    report = evaluate_model(model, tasks=tasks, ppl=ppl_data, seqlen=seqlen, limit=limit, split=split,
+                            batch_size=batch_size, device=device, dtype=dtype)
+    click.echo(report.summary())
+    write_report(json_path, report)
