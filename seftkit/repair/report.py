@@ -21,14 +21,6 @@ class LayerSparsity:
     nnz_before: int
     nnz_after: int | None = None
 
-    @property
-    def sparsity_before(self) -> float:
-        return 1.0 - self.nnz_before / self.numel
-
-    @property
-    def sparsity_after(self) -> float | None:
-        return None if self.nnz_after is None else 1.0 - self.nnz_after / self.numel
-
 
 @dataclass
 class RepairReport:

@@ -32,7 +32,7 @@ from seftkit.models import check_finite, linear_weight, target_linears
 from seftkit.repair.baselines import BASELINES
 from seftkit.repair.batches import build_batches
 from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
-from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
+from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
 from seftkit.repair.report import LayerSparsity, RepairReport
 from seftkit.sparsity.masks import nm_valid
@@ -63,9 +63,9 @@ def make_method(config: RepairConfig) -> RepairMethod:
 
 
 def check_config(config: RepairConfig) -> None:
-    """Refuse settings that cannot train, with the option name to fix."""
-    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
-                "--update-interval": config.update_interval}
+    """Refuse loop and budget settings that cannot train, with the option to fix (each method checks its own
+    knobs, e.g. SEFT's drop rate, when it is built)."""
+    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum}
     for flag, value in positive.items():
         if value < 1:
             raise SeftkitError(f"{flag} must be at least 1, got {value}")
@@ -79,10 +79,6 @@ def check_config(config: RepairConfig) -> None:
         raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
     if config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
         raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
-    if not 0 <= config.drop_rate < 1:
-        raise SeftkitError(f"--drop-rate must be in [0, 1), got {config.drop_rate}")
-    if config.drop_schedule not in DROP_SCHEDULES:
-        raise SeftkitError(f"--drop-schedule must be one of {', '.join(DROP_SCHEDULES)}")
     if config.checkpoint_every is not None and config.checkpoint_every < 1:
         raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
     if config.nm is not None:
@@ -178,6 +174,8 @@ def repair_model(
     check_config(config)
     started = time.perf_counter()
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     targets = target_linears(model, TargetRule(config.include, config.exclude))
     if not targets:
         raise SeftkitError("no target linears matched; check --include/--exclude")
@@ -207,6 +205,8 @@ def repair_model(
             report.resumed_from_step = state.step
             log.info("resuming %s from step %d (%s)", config.method, state.step, checkpoint_dir)
         else:
+            if resume:
+                log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
             state = Progress()
             run_init_passes(model, method, batches, device)
         train_seconds = train(model, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
