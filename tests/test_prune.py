@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_wanda_is_exact_per_row(family, sparsity, texts):
     assert report.calibration == {"nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": 0}
     for name, w in weights(model).items():
         per_row = (w == 0).sum(dim=1)
-        assert (per_row == int(w.shape[1] * sparsity)).all(), name
+        assert (per_row == math.ceil(w.shape[1] * sparsity)).all(), name  # 0.7 * 32 = 22.4 -> 23: at least 70%
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,7 +177,7 @@ def test_wanda_matches_hook_free_reference(texts):
         assert torch.equal(ours[name] == 0, theirs[name] == 0), name
 
 
-@pytest.mark.parametrize("pattern", [HALF, TWO_FOUR, SparsityPattern(sparsity=0.7)])
+@pytest.mark.parametrize("pattern", [HALF, TWO_FOUR, SparsityPattern(sparsity=0.75)])
 def test_sparsegpt_reconstructs_better_than_wanda(pattern):
     torch.manual_seed(0)
     # Correlated inputs with uneven feature scales, as in real activations.
@@ -189,7 +190,7 @@ def test_sparsegpt_reconstructs_better_than_wanda(pattern):
     def error(pruned: torch.Tensor) -> float:
         return float(torch.linalg.norm((w - pruned) @ x.T))
 
-    assert (sparsegpt == 0).sum() >= (wanda == 0).sum()  # per-matrix floor vs per-row floor at 70%
+    assert (sparsegpt == 0).sum() == (wanda == 0).sum()
     assert error(sparsegpt) < error(wanda)
 
 
@@ -292,8 +293,10 @@ def test_cli_writes_a_loadable_model_and_report(tiny_model_dir, tiny_text_file, 
         if "--nm" in pattern:
             assert nm_valid(w, 2, 4), name
         else:
-            assert ((w == 0).sum(dim=1) == int(w.shape[1] * 0.6)).all(), name
+            assert ((w == 0).sum(dim=1) == -(-w.shape[1] * 3 // 5)).all(), name  # ceil: every row >= 60%
         assert report["tensors"][f"{name}.weight"]["zeros"] == int((w == 0).sum())
+    verified = CliRunner().invoke(cli, ["verify", str(out), *pattern])
+    assert verified.exit_code == 0, verified.output
 
 
 def test_cli_overwrite(llama_dir, tmp_path):

@@ -8,6 +8,7 @@ that look at activations, the additive input statistic it needs; the shared laye
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +22,15 @@ from torch import nn
 
 from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.errors import SeftkitError
-from seftkit.models import check_finite, find_decoder_layers, linear_weight, load_model, save_model, target_linears
+from seftkit.models import (
+    check_finite,
+    find_decoder_layers,
+    linear_weight,
+    load_model,
+    max_positions,
+    save_model,
+    target_linears,
+)
 from seftkit.prune.calibrate import Statistic, prune_blockwise
 from seftkit.prune.magnitude import magnitude_mask
 from seftkit.prune.sparsegpt import input_gram, sparsegpt_prune
@@ -32,6 +41,8 @@ from seftkit.sparsity.targets import TargetRule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "prune_report.json"
 
@@ -72,11 +83,6 @@ class PruneReport:
     out: str | None = None
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def calibration_windows(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], nsamples: int, seqlen: int, seed: int
 ) -> torch.Tensor:
@@ -86,8 +92,9 @@ def calibration_windows(
     if nsamples < 1:
         raise SeftkitError(f"nsamples must be at least 1, got {nsamples}")
     limit = max_positions(model)
-    if limit is not None:
-        seqlen = min(seqlen, int(limit))
+    if limit is not None and seqlen > limit:
+        log.info("seqlen %d exceeds the model's %d positions; using %d", seqlen, limit, limit)
+        seqlen = limit
     return token_windows(tokenizer, texts, seqlen, nsamples, seed)
 
 
