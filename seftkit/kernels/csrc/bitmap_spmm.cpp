@@ -124,25 +124,33 @@ __attribute__((target("avx2,fma"))) void row_avx2(const RowArgs& a) {
 #define SEFTKIT_AVX512 "avx512f,avx512bw,avx512vbmi2,fma"
 
 template <int B>
+__attribute__((target(SEFTKIT_AVX512), always_inline)) inline const float* f32_word(
+    uint32_t word, const float* v, const float* xc, int64_t x_stride, __m512* acc) {
+  __mmask16 lo = static_cast<__mmask16>(word), hi = static_cast<__mmask16>(word >> 16);
+  __m512 v0 = _mm512_maskz_expandloadu_ps(lo, v);
+  v += __builtin_popcount(lo);
+  __m512 v1 = _mm512_maskz_expandloadu_ps(hi, v);
+  for (int b = 0; b < B; ++b) {
+    acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * x_stride), acc[b]);
+    acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * x_stride + 16), acc[b]);
+  }
+  return v + __builtin_popcount(hi);
+}
+
+// Two accumulators per activation row, for the same reason as row_avx512_dpbf16.
+template <int B>
 __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   const float* v = static_cast<const float*>(a.values);
   const float* x = static_cast<const float*>(a.x);
-  __m512 acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < a.words; ++w) {
-    uint32_t word = a.bits[w];
-    __mmask16 lo = static_cast<__mmask16>(word), hi = static_cast<__mmask16>(word >> 16);
-    __m512 v0 = _mm512_maskz_expandloadu_ps(lo, v);
-    v += __builtin_popcount(lo);
-    __m512 v1 = _mm512_maskz_expandloadu_ps(hi, v);
-    v += __builtin_popcount(hi);
-    const float* xc = x + w * kWordBits;
-    for (int b = 0; b < B; ++b) {
-      acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * a.x_stride), acc[b]);
-      acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * a.x_stride + 16), acc[b]);
-    }
+  __m512 even[B], odd[B];
+  for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 1 < a.words; w += 2) {
+    v = f32_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+    v = f32_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
-  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+  if (w < a.words) f32_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(even[b], odd[b]));
 }
 
 // bf16 weights, fp32 activations: expand 32 bf16 values, widen to two fp32 vectors, FMA.
@@ -169,22 +177,31 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_bf16(const RowArgs& a) {
 
 // bf16 weights and bf16 activations: one vdpbf16ps does 32 multiply-adds (exact bf16 products, fp32 sums).
 template <int B>
+__attribute__((target(SEFTKIT_AVX512 ",avx512bf16"), always_inline)) inline const uint16_t* dpbf16_word(
+    uint32_t word, const uint16_t* v, const uint16_t* xc, int64_t x_stride, __m512* acc) {
+  __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
+  for (int b = 0; b < B; ++b) {
+    __m512i xb = _mm512_loadu_si512(xc + b * x_stride);
+    acc[b] = _mm512_dpbf16_ps(acc[b], reinterpret_cast<__m512bh&>(packed), reinterpret_cast<__m512bh&>(xb));
+  }
+  return v + __builtin_popcount(word);
+}
+
+// Even and odd words accumulate separately: at batch 1 a single accumulator would serialise every
+// vdpbf16ps on its latency, and the row would run slower than memory delivers it.
+template <int B>
 __attribute__((target(SEFTKIT_AVX512 ",avx512bf16"))) void row_avx512_dpbf16(const RowArgs& a) {
   const uint16_t* v = static_cast<const uint16_t*>(a.values);
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  __m512 acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < a.words; ++w) {
-    uint32_t word = a.bits[w];
-    __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
-    v += __builtin_popcount(word);
-    const uint16_t* xc = x + w * kWordBits;
-    for (int b = 0; b < B; ++b) {
-      __m512i xb = _mm512_loadu_si512(xc + b * a.x_stride);
-      acc[b] = _mm512_dpbf16_ps(acc[b], reinterpret_cast<__m512bh&>(packed), reinterpret_cast<__m512bh&>(xb));
-    }
+  __m512 even[B], odd[B];
+  for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 1 < a.words; w += 2) {
+    v = dpbf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+    v = dpbf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
-  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+  if (w < a.words) dpbf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(even[b], odd[b]));
 }
 
 using RowFn = void (*)(const RowArgs&);
