@@ -26,6 +26,8 @@ FORMATS = ("csr", "compressed", "onnx")
 
 def check_options(fmt: str, dtype: str, opset: int | None, sparse_initializers: bool, nm_layout: bool) -> None:
     """Refuse options that do not apply to the format before any model is loaded."""
+    from seftkit.models import resolve_dtype
+
     if fmt not in FORMATS:
         raise SeftkitError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt != "onnx" and (opset is not None or sparse_initializers):
@@ -34,6 +36,7 @@ def check_options(fmt: str, dtype: str, opset: int | None, sparse_initializers: 
         raise SeftkitError("--nm-layout applies to --format csr only")
     if fmt == "onnx" and dtype not in ("auto", "fp32", "float32"):
         raise SeftkitError("ONNX export is fp32 only (its parity with torch is checked at 1e-4)")
+    resolve_dtype(dtype)
     if opset is not None and opset < 18:
         raise SeftkitError(f"--opset {opset} is too old for the torch exporter; use 18 or newer")
 
@@ -60,23 +63,23 @@ def export_model(
     check_options(fmt, dtype, opset, sparse_initializers, nm_layout)
     source = resolve_model_path(model)
     check_output_path(out, overwrite, inputs=(source,))
-    stages = tqdm(total=3, desc=f"export {fmt}", unit="step", disable=not progress)
-    stages.set_postfix_str("load")
-    lm, tokenizer = load_model(source, dtype="fp32" if fmt == "onnx" else dtype)
-    check_finite(lm)
-    targets = common.target_weights(lm, rule)
-    tensors, _ = common.unique_state_dict(lm)
-    report = common.ExportReport(format=fmt, layout=fmt, model=str(model), out=str(out),
-                                 dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-                                 targets=len(targets), sparsity=common.sparsity_of(targets))
-    stages.update()
-    with atomic_dir(out, overwrite) as tmp:
-        common.save_side_files(lm, tokenizer, tmp)
+    with atomic_dir(out, overwrite) as tmp, tqdm(total=3, desc=f"export {fmt}", unit="step", leave=False,
+                                                  disable=not progress) as stages:
+        stages.set_postfix_str("load")
+        lm, tokenizer = load_model(source, dtype="fp32" if fmt == "onnx" else dtype)
+        check_finite(lm)
+        targets = common.target_weights(lm, rule)
+        tensors, _ = common.unique_state_dict(lm)
+        report = common.ExportReport(format=fmt, layout=fmt, model=str(model), out=str(out),
+                                     dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                                     targets=len(targets), sparsity=common.sparsity_of(targets))
+        side_files = common.save_side_files(lm, tokenizer, tmp)
+        stages.update()
         stages.set_postfix_str("write")
         start = time.perf_counter()
         _write(fmt, lm, tmp, report, rule, opset, sparse_initializers, nm_layout)
         report.export_seconds = time.perf_counter() - start
-        report.set_sizes(common.dense_bytes(tensors), common.weight_files_bytes(tmp))
+        report.set_sizes(common.dense_bytes(tensors), common.format_files_bytes(tmp, side_files))
         stages.update()
         stages.set_postfix_str("read back")
         _verify(fmt, lm, tmp, report, rule)
@@ -86,7 +89,6 @@ def export_model(
                           f"({report.dense_bytes / 1e6:.1f} MB): only {report.sparsity:.1%} of the targeted "
                           f"weights are zero, so {report.layout} saves nothing")
         write_json(tmp / common.REPORT_NAME, report)
-    stages.close()
     return report
 
 

@@ -18,11 +18,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 REPORT_NAME = "export_report.json"
-# Files of a HF folder that hold weights; everything else (config, tokenizer, generation config) is copied.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".safetensors.index.json",
-                    ".bin.index.json")
-
-
 @dataclass
 class ExportReport:
     """Sizes, timings and the read-back proof of one export (``--json`` and ``export_report.json``)."""
@@ -92,22 +87,22 @@ def sparsity_of(weights: dict[str, TargetWeight]) -> float:
     return zeros / total if total else 0.0
 
 
-def weight_files_bytes(folder: Path) -> int:
-    """Bytes of every file in ``folder`` except the copied config/tokenizer files and the report."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and is_weight_file(p.name))
+def format_files_bytes(folder: Path, side_files: set[str]) -> int:
+    """Bytes of what the format wrote (weights, manifest, graph): every file but the side files and the report."""
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and p.name not in side_files and p.name != REPORT_NAME)
 
 
-def is_weight_file(name: str) -> bool:
-    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".onnx") or name.endswith(".onnx.data")
+def save_side_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: Path) -> set[str]:
+    """Config (with the exported dtype), generation config and tokenizer, so the export is self-contained.
 
-
-def save_side_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: Path) -> None:
-    """Config (with the exported dtype), generation config and tokenizer, so the export is self-contained."""
+    Returns the names written, so sizes count only what the format itself adds."""
     model.config.save_pretrained(folder)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    return {p.name for p in folder.iterdir()}
 
 
 def empty_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:

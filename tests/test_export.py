@@ -220,3 +220,123 @@ def test_compressed_layout_matches_the_library_byte_for_byte(fmt):
     assert {k: v.tolist() for k, v in parts.items()} == _GOLDEN[fmt]
     assert parts["bitmask"].dtype == torch.uint8 and parts["shape"].dtype == torch.int64
     assert torch.equal(compressed.decompress_parts(parts), weight)
+
+
+# ---------------------------------------------------------------- ONNX (two families: export takes seconds)
+
+
+def ort_logits(folder: Path, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+
+def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
+    import onnx
+
+    report = export_model(llama_24_dir, "onnx", tmp_path / "onnx")
+    assert report.parity["max_abs_diff_1x7"] < 1e-4 and report.parity["max_abs_diff_3x19"] < 1e-4
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx")
+    onnx.checker.check_model(graph, full_check=True)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+    assert all(isinstance(d, str) for row in dims for d in row)  # batch and sequence are dynamic
+    assert report.parity["ir_version"] == graph.ir_version <= 10
+    # a third shape, checked here independently of the exporter's own parity check
+    model, _ = load_model(llama_24_dir, with_tokenizer=False)
+    ids = torch.arange(10).reshape(2, 5) * 7 % model.config.vocab_size
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(ort_logits(tmp_path / "onnx", ids, mask), expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_sparse_initializers_gpt2(tmp_path):
+    import onnx
+
+    src = prune_copy(save_tiny_model(tmp_path / "gpt2", "gpt2"), tmp_path / "gpt2-80", sparsity=0.8)
+    dense = export_model(src, "onnx", tmp_path / "dense")
+    sparse = export_model(src, "onnx", tmp_path / "sparse", sparse_initializers=True)
+    graph = onnx.load(tmp_path / "sparse" / "model.onnx")
+    assert len(graph.graph.sparse_initializer) == sparse.targets == 8  # 4 Conv1D per block, 2 blocks
+    assert sparse.export_bytes < dense.export_bytes
+    assert sparse.parity["max_abs_diff"] < 1e-4
+    assert any("onnxruntime densifies them at load" in note for note in sparse.notes)
+
+
+# ---------------------------------------------------------------- CLI and bad input
+
+
+def test_cli_writes_report_and_summary(llama_24_dir, tmp_path):
+    result = run_cli(llama_24_dir, "--format", "csr", "--out", tmp_path / "out", "--nm-layout",
+                     "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    assert "exported" in result.stdout and "csr+nm24" in result.stdout and "max_abs_diff 0" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report == json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["targets"] == 14 and report["sparsity"] == 0.5
+    files = [tmp_path / "out" / name for name in (csr.WEIGHTS_NAME, csr.MANIFEST_NAME)]
+    assert report["export_bytes"] == sum(f.stat().st_size for f in files)
+    assert report["size_ratio"] == pytest.approx(report["export_bytes"] / report["dense_bytes"])
+    assert {"config.json", "tokenizer.json", csr.MANIFEST_NAME, csr.WEIGHTS_NAME} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_dense_model_as_csr_warns_that_it_saves_nothing(llama_dir, tmp_path):
+    result = run_cli(llama_dir, "--format", "csr", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "0.0% of the targeted weights are zero, so csr saves nothing" in result.stderr
+    assert_same_weights(llama_dir, csr.load_model(tmp_path / "out"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "gguf"], "unknown export format 'gguf': choose one of csr, compressed, onnx"),
+    (["--format", "onnx", "--nm-layout"], "--nm-layout applies to --format csr only"),
+    (["--format", "csr", "--opset", "18"], "--opset and --sparse-initializers apply to --format onnx only"),
+    (["--format", "onnx", "--dtype", "bf16"], "ONNX export is fp32 only"),
+    (["--format", "csr", "--dtype", "int3"], "unknown dtype 'int3'"),
+])
+def test_bad_options_fail_in_one_line(llama_24_dir, tmp_path, args, message):
+    result = run_cli(llama_24_dir, *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"seftkit: error: {message}") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(llama_24_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli(llama_24_dir, "--format", "csr", "--out", out)
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run_cli(llama_24_dir, "--format", "csr", "--out", out, "--overwrite").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / csr.MANIFEST_NAME).is_file() and leftovers(tmp_path) == []
+
+
+def test_unwritable_output_fails_cleanly(llama_24_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli(llama_24_dir, "--format", "csr", "--out", blocker / "out")
+    assert result.exit_code == 2 and result.stderr.startswith("seftkit: error: cannot create output folder")
+    assert result.stderr.count("\n") == 1 and leftovers(tmp_path) == []
+
+
+def test_failure_after_writing_leaves_nothing(llama_24_dir, tmp_path, monkeypatch):
+    def corrupt(*args, **kwargs):
+        raise RuntimeError("read-back mismatch")
+
+    monkeypatch.setattr(csr, "verify", corrupt)
+    with pytest.raises(RuntimeError, match="read-back mismatch"):
+        export_model(llama_24_dir, "csr", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_output_cannot_be_the_input(llama_24_dir):
+    result = run_cli(llama_24_dir, "--format", "csr", "--out", llama_24_dir, "--overwrite")
+    assert result.exit_code == 2 and "is the input model" in result.stderr
