@@ -56,13 +56,15 @@ def load_pruned(spec: str, pattern: SparsityPattern, dtype: str) -> tuple[nn.Mod
     return model, tokenizer
 
 
-def distinct_linear_weights(model: nn.Module) -> dict[tuple[int, int], torch.Tensor]:
-    """The first targeted weight of every distinct [out, in] shape."""
+def distinct_linear_weights(model: nn.Module) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[int, int], int]]:
+    """The first targeted weight of every distinct [out, in] shape, and how many linears have that shape."""
     weights: dict[tuple[int, int], torch.Tensor] = {}
+    counts: dict[tuple[int, int], int] = {}
     for module in target_linears(model).values():
         weight = linear_weight(module).detach()
         weights.setdefault(tuple(weight.shape), weight)
-    return weights
+        counts[tuple(weight.shape)] = counts.get(tuple(weight.shape), 0) + 1
+    return weights, counts
 
 
 def _generate(model: nn.Module, ids: torch.Tensor, tokens: int, pad_id: int) -> tuple[torch.Tensor, float]:

@@ -32,8 +32,9 @@ from seftkit.kernels.formats import BitmapWeight, pack_bitmap
 from seftkit.sparsity.masks import pattern_mask
 from seftkit.sparsity.pattern import SparsityPattern
 
-LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
-DEFAULT_MODEL_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+# Linear shapes of one decoder block, with how often each occurs (q, k, v, o; gate, up; down).
+LLAMA7B_BLOCK = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
+SMOLLM2_BLOCK = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
 CPU_BACKENDS = ("dense", "dense-fp32", "sparse", "csr")
 BACKENDS = (*CPU_BACKENDS, "cuda24")
 DEFAULT_BACKENDS = ("dense", "dense-fp32", "sparse")
@@ -62,6 +63,17 @@ class LayerResult:
 
 
 @dataclass
+class SetTotal:
+    """A layer set (a decoder block, a whole model) timed as the count-weighted sum of its shapes."""
+
+    name: str
+    batch: int
+    dense_ms: float
+    sparse_ms: float
+    speedup: float
+
+
+@dataclass
 class MachineInfo:
     threads: int
     cpu: str
@@ -78,6 +90,7 @@ class LayerBench:
     dtype: str
     machine: MachineInfo
     results: list[LayerResult] = field(default_factory=list)
+    totals: list[SetTotal] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it did not run
 
 
@@ -229,13 +242,27 @@ def bench_cuda24_shape(result_rows: list[LayerResult], shape: tuple[int, int], p
         row.cuda_speedup = dense_min / sparse_min
 
 
+def set_totals(results: list[LayerResult], sets: dict[str, dict[tuple[int, int], int]]) -> list[SetTotal]:
+    """Dense and sparse time of each layer set per batch (sum of count x min time over its shapes)."""
+    found = {(r.shape, r.batch): r.timings for r in results if {"dense", "sparse"} <= set(r.timings)}
+    totals = []
+    for name, counts in sets.items():
+        for batch in sorted({r.batch for r in results}):
+            if all((shape, batch) in found for shape in counts):
+                dense = sum(n * found[shape, batch]["dense"].min_ms for shape, n in counts.items())
+                sparse = sum(n * found[shape, batch]["sparse"].min_ms for shape, n in counts.items())
+                totals.append(SetTotal(name, batch, dense, sparse, dense / sparse))
+    return totals
+
+
 def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batches: list[int],
                  dtype: torch.dtype, backends: tuple[str, ...] = DEFAULT_BACKENDS, rounds: int = 5,
                  streaming: bool = True, weights: dict[tuple[int, int], torch.Tensor] | None = None,
-                 progress: bool = True) -> LayerBench:
+                 sets: dict[str, dict[tuple[int, int], int]] | None = None, progress: bool = True) -> LayerBench:
     """Time each shape x batch on each backend; see the module docstring for the method.
 
     ``weights`` gives a model's own pruned weight per shape; other shapes get random pruned weights.
+    ``sets`` names layer sets (shape -> count) to total, e.g. one decoder block.
     """
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
@@ -264,6 +291,7 @@ def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batche
             else:
                 bench_cuda24_shape(rows, shape, pattern, rounds)
         report.results.extend(rows)
+    report.totals = set_totals(report.results, sets or {})
     return report
 
 
@@ -291,6 +319,8 @@ def format_layers(report: LayerBench) -> list[str]:
         if r.cuda_speedup is not None:
             cells.append(f"  cuda24 {r.cuda_speedup:.2f}x")
         lines.append(" ".join(cells))
+    lines += [f"{t.name}, batch {t.batch}: dense {t.dense_ms:.2f} ms, sparse {t.sparse_ms:.2f} ms: {t.speedup:.2f}x"
+              + ("  (sparse slower)" if t.speedup < 1 else "") for t in report.totals]
     lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
     lines.append("speedup = dense min / sparse min (same weight dtype); ceiling = dense bytes / sparse bytes")
     return lines

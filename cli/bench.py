@@ -59,19 +59,22 @@ def bench(model: str | None, sparsity: float | None, nm: str | None, batch: str,
 
     import torch
     from seftkit.bench.decode import bench_decode, distinct_linear_weights, format_decode, load_pruned
-    from seftkit.bench.layers import DEFAULT_MODEL_SHAPES, LLAMA7B_SHAPES, bench_layers, format_layers
+    from seftkit.bench.layers import LLAMA7B_BLOCK, SMOLLM2_BLOCK, bench_layers, format_layers
 
     from seftkit.models import resolve_dtype
 
     torch.set_num_threads(threads)
     torch_dtype = resolve_dtype(dtype)
     if model is None:
-        shapes, weights, pruned, tokenizer = [*LLAMA7B_SHAPES, *DEFAULT_MODEL_SHAPES], None, None, None
+        pruned, tokenizer, weights = None, None, None
+        sets = {"LLaMA-7B block": LLAMA7B_BLOCK, "SmolLM2-135M block": SMOLLM2_BLOCK}
     else:
         pruned, tokenizer = load_pruned(model, pattern, dtype)
-        weights = distinct_linear_weights(pruned)
-        shapes = list(weights)
-    report = BenchReport(bench_layers(shapes, pattern, batches, torch_dtype, chosen, rounds, not no_stream, weights))
+        weights, counts = distinct_linear_weights(pruned)
+        sets = {f"{model} (all targeted linears)": counts}
+    shapes = [shape for counts in sets.values() for shape in counts]
+    report = BenchReport(bench_layers(shapes, pattern, batches, torch_dtype, chosen, rounds, not no_stream, weights,
+                                      sets))
     click.echo("\n".join(format_layers(report.layers)))
     if pruned is not None and "sparse" in chosen:
         report.decode = bench_decode(pruned, tokenizer, model, tokens, rounds)

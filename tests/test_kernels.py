@@ -235,6 +235,12 @@ def test_bench_command_on_a_model_reports_layers_and_decode(llama_dir, tmp_path)
         (shape, batch) for shape in ((32, 32), (16, 32), (64, 32), (32, 64)) for batch in (1, 3)]
     assert all(set(r["timings"]) == {"dense", "sparse"} and r["speedup"] > 0 for r in layers["results"])
     assert layers["machine"]["threads"] == 1 and layers["machine"]["stream_bytes"] == 0
+    totals = layers["totals"]
+    assert [t["batch"] for t in totals] == [1, 3]
+    by_shape = {(tuple(r["shape"]), r["batch"]): r["timings"] for r in layers["results"]}
+    counts = {(32, 32): 4, (16, 32): 4, (64, 32): 4, (32, 64): 2}  # two blocks
+    expected = sum(n * by_shape[shape, 1]["sparse"]["min_ms"] for shape, n in counts.items())
+    assert totals[0]["sparse_ms"] == pytest.approx(expected)
     decode = report["decode"]
     assert decode["sparse_layers"] == decode["target_layers"] == 14
     assert decode["identical_tokens"] == decode["compared_tokens"] == 4
