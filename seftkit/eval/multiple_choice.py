@@ -50,7 +50,7 @@ class _Row:
     tokens: list[int]
     segments: list[int]  # 0 = shared prefix, k + 1 = tail of option k
     positions: list[int]
-    scored: list[tuple[int, int, int]]  # (position predicting it, target token, option index)
+    scored: list[tuple[int, int, int]]  # (row index whose logits predict it, target token, option)
 
 
 def accuracy_stderr(p: float, n: int) -> float:
@@ -107,15 +107,12 @@ def _pack(encoder: _Encoder, item: MCItem, limit: int | None) -> _Row:
     positions = list(range(len(tokens)))
     scored = []
     for k, (ids, n_cont) in enumerate(pairs):
-        start = len(tokens) - shared  # row index of ids[t] is start + t past the shared prefix
-
-        def row_index(t: int, start: int = start) -> int:
-            return t - drop if t < shared else start + t
-
+        offset = len(tokens) - shared  # ids[t] sits at row index t - drop in the prefix, offset + t past it
+        for t in range(len(ids) - n_cont, len(ids)):
+            scored.append((t - 1 - drop if t - 1 < shared else offset + t - 1, ids[t], k))
         tokens += ids[shared:]
         segments += [k + 1] * (len(ids) - shared)
         positions += range(shared - drop, len(ids) - drop)
-        scored += [(row_index(t - 1), ids[t], k) for t in range(len(ids) - n_cont, len(ids))]
     return _Row(tokens, segments, positions, scored)
 
 
@@ -153,7 +150,7 @@ def _forward_rows(model: PreTrainedModel, rows: Sequence[_Row], pad_id: int) -> 
     if not extra:
         logits = logits[keep]
     logprobs = torch.log_softmax(logits.float(), dim=-1)[flat[batch, src], target]
-    n_options = max(r.scored[-1][2] for r in rows) + 1
+    n_options = int(option.max()) + 1
     sums = torch.zeros(len(rows) * n_options, dtype=torch.float64, device=device)
     sums.index_add_(0, batch * n_options + option, logprobs.double())
     return sums.view(len(rows), n_options).cpu()
