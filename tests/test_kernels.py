@@ -133,6 +133,29 @@ def test_sparsified_tiny_llama_gives_the_dense_logits(dtype, backend, pattern):
     torch.testing.assert_close(sparse_logits, dense_logits, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_sparsified_gpt2_and_opt_give_the_dense_logits(family):
+    from seftkit.models import target_linears
+
+    model = prune_model(make_tiny_model(family)[0], sparsity=0.6)
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    targets = len(target_linears(model))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+        sparsify_model(model, backend="unstructured")
+        assert sum(isinstance(m, SparseLinear) for m in model.modules()) == targets > 0
+        torch.testing.assert_close(model(ids).logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_leaves_fp16_layers_dense():
+    import seftkit
+
+    assert seftkit.sparsify_model is sparsify_model
+    model = prune_model(make_tiny_model("llama")[0], sparsity=0.7).half()
+    sparsify_model(model)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
 def test_sparsified_model_generates_the_same_greedy_tokens():
     model, _ = make_tiny_model("llama")
     model = prune_model(model, sparsity=0.7)

@@ -27,6 +27,7 @@ BACKENDS = ("auto", "nm", "unstructured", "dense", "cuda24")
 # "auto" keeps a layer dense unless the sparse form streams at most this fraction of the dense bytes:
 # near density 1 the bitmap costs more than it saves.
 AUTO_MAX_BYTE_RATIO = 0.8
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class SparseLinear(nn.Module):
@@ -75,6 +76,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _worth_packing(weight: torch.Tensor) -> bool:
+    if weight.dtype not in KERNEL_DTYPES:
+        return False
     density = float(weight.ne(0).float().mean())
     sparse_bytes = density * weight.element_size() + 1 / 8
     return sparse_bytes <= AUTO_MAX_BYTE_RATIO * dense_bytes_per_weight(weight.dtype)
@@ -84,8 +87,8 @@ def sparsify_model(model: nn.Module, backend: str = "auto", nm: tuple[int, int] 
                    rule: TargetRule | None = None, isa: Isa | None = None) -> nn.Module:
     """Swap the targeted linears for sparse kernels, in place; returns ``model``.
 
-    ``auto``: CUDA 2:4 when the model is on a GPU that supports it, else the CPU kernels for every layer
-    that is N:M (``nm``) or sparse enough to stream fewer bytes. ``nm`` requires every targeted layer to be
+    ``auto``: CUDA 2:4 when the model is on a GPU that supports it, else the CPU kernels for every fp32/bf16
+    layer that is N:M (``nm``) or sparse enough to stream fewer bytes. ``nm`` requires every targeted layer to be
     ``nm`` sparse; ``unstructured`` packs every targeted layer; ``dense`` changes nothing; ``cuda24`` uses
     PyTorch's semi-structured kernels (see :mod:`seftkit.kernels.cuda24`).
     """
