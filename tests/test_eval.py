@@ -19,7 +19,7 @@ from seftkit.eval import multiple_choice as mc
 from seftkit.eval.multiple_choice import _Encoder
 from seftkit.eval.tasks import TASKS, MCItem, _hellaswag_clean, load_task
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Sparse models keep most weights at zero."] * 30
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Sparse models keep most weights at zero."] * 8
 
 ITEMS = [
     MCItem("Question: what jumps?\nAnswer:", ["the fox", "a lamp at night", "dog"], 0),
@@ -76,7 +76,7 @@ def test_perplexity_matches_a_direct_window_loop(tiny_llama):
 def test_perplexity_caps_seqlen_and_windows(tiny_llama):
     model, tokenizer = tiny_llama
     assert model.config.max_position_embeddings == 256
-    long_texts = TEXTS * 10
+    long_texts = TEXTS * 20
     capped = perplexity(model, tokenizer, long_texts, seqlen=1000, max_windows=2, progress=False)
     assert (capped.seqlen, capped.windows, capped.tokens) == (256, 2, 2 * 255)
     assert capped.ppl == pytest.approx(
@@ -301,9 +301,10 @@ def test_evaluate_combines_perplexity_and_tasks(tiny_llama):
     assert "perplexity" in report.summary() and "winogrande" in report.summary()
 
 
-def test_cli_eval_writes_report(llama_dir, tiny_text_file, tmp_path):
-    out = tmp_path / "eval.json"
-    result = CliRunner().invoke(cli, ["eval", str(llama_dir), "--ppl", str(tiny_text_file), "--seqlen", "64",
+def test_cli_eval_writes_report(llama_dir, tmp_path):
+    out, text = tmp_path / "eval.json", tmp_path / "text.txt"
+    text.write_text("\n\n".join(TEXTS))
+    result = CliRunner().invoke(cli, ["eval", str(llama_dir), "--ppl", str(text), "--seqlen", "64",
                                       "--tasks", "piqa", "--limit", "4", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
