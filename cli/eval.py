@@ -6,6 +6,7 @@ import click
 from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 
 from seftkit.data import DEFAULT_HELDOUT_TEXT
+from seftkit.eval.tasks import DEFAULT_TASKS, TASKS
 
 
 @click.command()
@@ -14,14 +15,15 @@ from seftkit.data import DEFAULT_HELDOUT_TEXT
               f"folder [default: {DEFAULT_HELDOUT_TEXT} when --tasks is not given].")
 @click.option("--seqlen", type=int, default=512, show_default=True,
               help="Perplexity window length (capped to the model's maximum positions).")
-@click.option("--tasks", help="Comma-separated multiple-choice tasks, e.g. arc_easy,arc_challenge,boolq,hellaswag,"
-              "piqa,openbookqa,winogrande (also rte, copa, sciq, social_iqa, commonsense_qa).")
+@click.option("--tasks", help=f"Comma-separated multiple-choice tasks, e.g. {','.join(DEFAULT_TASKS[:3])}; "
+              f"choose from: {', '.join(TASKS)}.")
 @click.option("--split", type=click.Choice(["train", "heldout"]),
               help="Score only the train or heldout part of each task [default: all validation questions].")
 @click.option("--limit", type=int, help="At most this many questions per task (the first ones), for quick looks.")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Perplexity windows or questions per forward pass.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Weight dtype to evaluate in.")
 @device_option
 @json_option
 @handle_errors

@@ -15,6 +15,7 @@ from typing import Any
 from seftkit.data import load_records
 from seftkit.errors import SeftkitError
 
+# The zero-shot suite SEFT (and Wanda, SparseGPT) report.
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "openbookqa", "winogrande")
 
 
