@@ -80,6 +80,23 @@ def test_kernel_equals_dense_matmul(isa, dtype, pattern):
             assert_matches_reference(y, x, weight)
 
 
+def test_rows_split_across_threads_give_the_same_result():
+    weight = pruned(300, 96, torch.bfloat16, sparsity=0.7)
+    packed = pack_bitmap(weight)
+    x = torch.randn(2, 96).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outputs.append(native().bitmap_matmul(x, packed.values, packed.bits, packed.row_ptr, 96,
+                                                  int(kernel_isa())))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    assert_matches_reference(outputs[1], x, weight)
+
+
 def test_fp32_activations_with_bf16_weights_keep_fp32_precision():
     weight = pruned(40, 96, torch.bfloat16, sparsity=0.7)
     packed = pack_bitmap(weight)
