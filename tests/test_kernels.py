@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
+from seftkit.bench.layers import bench_layers, format_layers
 
 from seftkit.errors import SeftkitError
 from seftkit.kernels import Isa, SparseLinear, build, cuda24, kernel_isa, native, pack_bitmap, pack_nm, sparsify_model
 from seftkit.kernels.formats import VALUE_PAD
 from seftkit.sparsity.masks import nm_mask, unstructured_mask
+from seftkit.sparsity.pattern import SparsityPattern
 
 LEVELS = [level for level in Isa if level <= kernel_isa()]
 DTYPES = (torch.float32, torch.bfloat16)
@@ -208,6 +210,11 @@ def test_build_failure_falls_back_to_dense_with_a_warning(monkeypatch):
             assert sparsify_model(model) is model
         assert any("stays dense" in str(w.message) for w in caught)
         assert not any(isinstance(m, SparseLinear) for m in model.modules())
+        report = bench_layers([(16, 32)], SparsityPattern(sparsity=0.5), [1], torch.float32, rounds=1,
+                              streaming=False, progress=False)
+        assert "sparse" in report.skipped
+        assert [set(r.timings) for r in report.results] == [{"dense"}] and report.results[0].speedup is None
+        assert "skipped sparse: native kernels could not be built" in "\n".join(format_layers(report))
     finally:
         build.native.cache_clear()
 

@@ -56,8 +56,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = native()
-        if module is None:  # built once but gone (cannot happen in one process); keep the error clear
-            raise SeftkitError("native sparse kernels are not available")
+        if module is None:  # only reachable by constructing SparseLinear directly where the build failed
+            raise SeftkitError("native sparse kernels are not available on this machine")
         flat = x.reshape(-1, self.in_features)
         y = module.bitmap_matmul(flat, self.values, self.bits, self.row_ptr, self.in_features, int(self.isa))
         if self.bias is not None:
