@@ -328,5 +328,6 @@ def format_layers(report: LayerBench) -> list[str]:
     lines += [f"{t.name}, batch {t.batch}: dense {t.dense_ms:.2f} ms, sparse {t.sparse_ms:.2f} ms: {t.speedup:.2f}x"
               + ("  (sparse slower)" if t.speedup < 1 else "") for t in report.totals]
     lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
-    lines.append("speedup = dense min / sparse min (same weight dtype); ceiling = dense bytes / sparse bytes")
+    lines.append("speedup = dense min / sparse min (same weight dtype); ceiling = dense bytes / sparse bytes, the "
+                 "limit when both run at memory bandwidth (above it, the dense baseline did not)")
     return lines
