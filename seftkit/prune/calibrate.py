@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from seftkit.errors import SeftkitError
 from seftkit.models import find_linears
 from seftkit.sparsity.targets import TargetRule
 
@@ -145,9 +146,12 @@ class InputStatistics:
                 block(hidden, *args, **kwargs)
             except _StopForward:
                 continue
-            raise RuntimeError("a hooked linear was not called by its block's forward")
+            self._seen.clear()  # some hooked linear sat this batch out (e.g. an unrouted expert)
+            self._last = None
 
     def mean(self, name: str) -> torch.Tensor:
+        if name not in self.sums:
+            raise SeftkitError(f"{name} received no calibration input; exclude it with --exclude")
         return self.sums[name] / self.tokens[name]
 
     def remove(self) -> None:
@@ -186,7 +190,7 @@ def prune_blockwise(
     peak_rss = process.memory_info().rss
     for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
         prefix = f"{layers_name}.{index}."
-        linears = find_linears(block, rule, prefix=prefix)
+        linears = {prefix + name: module for name, module in find_linears(block, rule, prefix=prefix).items()}
         if linears:
             stats = InputStatistics(linears, statistic)
             try:
@@ -194,7 +198,7 @@ def prune_blockwise(
             finally:
                 stats.remove()
             for name, module in linears.items():
-                prune_linear(prefix + name, module, stats.mean(name))
+                prune_linear(name, module, stats.mean(name))
             del stats
         if index + 1 < len(layers):
             run_block(block, inputs)
