@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 REPORT_NAME = "export_report.json"
+
+
 @dataclass
 class ExportReport:
     """Sizes, timings and the read-back proof of one export (``--json`` and ``export_report.json``)."""

@@ -4,8 +4,9 @@ Each targeted weight ``<name>`` becomes ``<name>.crow_indices``, ``<name>.col_in
 of its [out, in] matrix (GPT-2's Conv1D is transposed into that orientation and back on load). Indices take
 the narrowest integer type that holds them (int16 column indices for widths up to 32768), values keep the
 model dtype. With ``nm_layout`` a weight that is valid 2:4 is stored instead as ``<name>.nm_values`` (the 2
-kept values of every group of 4) and ``<name>.nm_positions`` (their 2-bit positions, 4 per byte): 0.5625 of
-the dense fp32 size against CSR's ~0.75 at 50% sparsity. Everything else (norms, embeddings) is stored dense.
+kept values of every group of 4) and ``<name>.nm_positions`` (their 2-bit positions, 4 per byte): 0.53 of
+the dense fp32 size against CSR's 0.75 (int16 columns) at 50% sparsity. Everything else (norms, embeddings)
+is stored dense.
 ``csr_manifest.json`` says which layout each tensor has, its shape and dtypes, and which tensors are tied.
 """
 

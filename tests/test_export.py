@@ -340,3 +340,21 @@ def test_failure_after_writing_leaves_nothing(llama_24_dir, tmp_path, monkeypatc
 def test_output_cannot_be_the_input(llama_24_dir):
     result = run_cli(llama_24_dir, "--format", "csr", "--out", llama_24_dir, "--overwrite")
     assert result.exit_code == 2 and "is the input model" in result.stderr
+
+
+def test_bf16_export_keeps_dtype_and_scipy_widens(llama_24_dir, tmp_path):
+    report = export_model(llama_24_dir, "csr", tmp_path / "bf16", dtype="bf16")
+    assert report.dtype == "bfloat16"
+    manifest = json.loads((tmp_path / "bf16" / csr.MANIFEST_NAME).read_text())
+    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["parts"]["values"] == "bfloat16"
+    reference, tokenizer = load_model(llama_24_dir, dtype="bf16")
+    loaded = csr.load_model(tmp_path / "bf16")
+    for name, tensor in reference.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.bfloat16 and torch.equal(loaded.state_dict()[name], tensor)
+    matrix = csr.load_matrix(tmp_path / "bf16", "model.layers.0.mlp.up_proj.weight")
+    assert matrix.dtype == np.float32
+    weight = reference.model.layers[0].mlp.up_proj.weight.detach()
+    np.testing.assert_array_equal(matrix.toarray(), weight.float().numpy())
+    # "auto" keeps what is stored: re-exporting the bf16 model's compressed-tensors form stays bf16
+    save_model(reference, tokenizer, tmp_path / "bf16-src")
+    assert export_model(tmp_path / "bf16-src", "compressed", tmp_path / "ct").dtype == "bfloat16"
