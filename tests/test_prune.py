@@ -267,6 +267,18 @@ def test_magnitude_may_target_lm_head_explicitly():
 # --- CLI -----------------------------------------------------------------------------------------------------
 
 
+def test_cli_offers_every_method_without_importing_torch():
+    import subprocess
+    import sys
+
+    from seftkit.cli.prune import prune
+
+    method = next(p for p in prune.params if p.name == "method")
+    assert sorted(method.type.choices) == sorted(METHODS)
+    code = "import sys, seftkit.cli.prune; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def run_cli(*args: str):
     return CliRunner().invoke(cli, ["prune", *map(str, args)])
 
@@ -312,6 +324,14 @@ def test_cli_overwrite(llama_dir, tmp_path):
     assert not (out / "old.txt").exists() and (out / "prune_report.json").is_file()
 
 
+def test_cli_default_out_names_model_method_and_pattern(llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(llama_dir, "--method", "magnitude", "--nm", "2:4")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / f"{llama_dir.name}-magnitude-2of4"
+    assert json.loads((out / "prune_report.json").read_text())["nm"] == "2:4"
+
+
 @pytest.fixture(scope="module")
 def nan_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("nan-llama")
@@ -330,6 +350,7 @@ def nan_model_dir(tmp_path_factory):
     (["--nm", "2:4", "--sparsity", "0.5"], "give either --sparsity or --nm, not both"),
     (["--sparsity", "0.5", "--seqlen", "64", "--calib", "SHORT"], "fewer than seqlen 64"),
     (["--sparsity", "0.5", "--include", "("], "bad --include regular expression"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be at least 1, got 0"),
     (["--sparsity", "0.5", "--model-is-nan"], "weight model.layers.0.self_attn.o_proj.weight contains NaN"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(llama_dir, nan_model_dir, tmp_path, args, message):
@@ -338,7 +359,7 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(llama_dir, nan_model_d
     model = nan_model_dir if "--model-is-nan" in args else llama_dir
     args = [str(short) if a == "SHORT" else a for a in args if a != "--model-is-nan"]
     out = tmp_path / "out" / "pruned"
-    result = run_cli(model, "--method", "wanda", *args, "--nsamples", 2, "--out", out)
+    result = run_cli(model, "--method", "wanda", "--nsamples", 2, *args, "--out", out)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("seftkit: error: ") and message in lines[-1]

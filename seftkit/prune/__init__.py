@@ -65,6 +65,12 @@ METHODS: dict[str, PruneMethod] = {
 
 @dataclass
 class PruneReport:
+    """What was pruned and how (written as ``prune_report.json`` next to the weights and by ``--json``).
+
+    ``tensors`` maps each targeted weight to its shape, zero count, sparsity and N:M validity; ``per_layer`` sums
+    them per decoder block; ``calibration`` is ``None`` for magnitude pruning.
+    """
+
     method: str
     pattern: str
     sparsity: float
