@@ -115,6 +115,20 @@ def test_adapt_moves_slots_that_sit_on_removed_positions_inside_the_active_set()
     assert all(active[indices])
 
 
+def test_adapt_first_removes_revived_weights_whose_delta_was_dropped():
+    # position 6 was revived earlier (base weight 0, active); dropping its slot leaves it exactly zero
+    active = torch.tensor([True, True, True, False, False, False, True, False])
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    indices = torch.tensor([0, 6])
+    grow = _candidates({5: 2.0, 7: 1.0})
+    sensitivity = _candidates({1: 0.001, 2: 0.5})  # 1 would go first by sensitivity alone
+    step = evolve_layer(indices, torch.tensor([0.9, 0.1]), active, grow, 1, sensitivity, base)
+    assert indices.tolist() == [0, 5]
+    assert step.revived == 1 and step.emptied == 1 and step.removed_by_sensitivity == 0
+    assert step.removed.tolist() == [6]
+    assert active.nonzero().flatten().tolist() == [0, 1, 2, 5]
+
+
 def test_initial_choice_is_the_top_k_then_adapt():
     # n = k with equal magnitudes: every placeholder slot is replaced by the k best candidates
     active = torch.tensor([True, True, True, False, False, True])

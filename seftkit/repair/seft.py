@@ -30,6 +30,7 @@ from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
 from seftkit.repair.delta import SparseDeltaLinear, gather_flat, replace_module
 from seftkit.repair.evolution import (
     Candidates,
+    EvolutionStep,
     bottom_positions,
     candidate_count,
     drop_fraction,
@@ -99,13 +100,18 @@ class _Layer:
 
 
 @dataclass
-class _Totals:
+class _Counts:
+    """What topology updates changed, summed over layers (and over boundaries for the totals)."""
+
     dropped: int = 0
     grown: int = 0
     revived: int = 0
     emptied: int = 0  # dead revived weights (delta dropped, base 0) that made room for new revivals
     removed_by_sensitivity: int = 0
-    boundaries: int = 0
+
+    def add(self, other: _Counts | EvolutionStep) -> None:
+        for name in ("dropped", "grown", "revived", "emptied", "removed_by_sensitivity"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class SeftMethod(RepairMethod):
@@ -124,7 +130,8 @@ class SeftMethod(RepairMethod):
         self._model: nn.Module | None = None
         self._requires_grad: dict[nn.Parameter, bool] = {}
         self._init_pending = False
-        self._totals = _Totals()
+        self._totals = _Counts()
+        self._boundaries = 0
         self._merged = False
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ class SeftMethod(RepairMethod):
         if not self._init_pending:
             return
         self._set_window(None)
-        self.init_event = self._evolve(INIT_WINDOW, lambda layer: layer.k, optimizer=None, count=False)
+        self.init_event = self._evolve(INIT_WINDOW, optimizer=None)
         self._init_pending = False
 
     def before_backward(self, step: int) -> None:
@@ -185,9 +192,8 @@ class SeftMethod(RepairMethod):
         if not self.is_boundary(step):
             return None
         self._set_window(None)
-        p = drop_fraction(step + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
-        event = self._evolve(step, lambda layer: math.floor(p * layer.k), optimizer=optimizer, count=True)
-        return {"step": step, "p": p, **event}
+        event = self._evolve(step, optimizer)
+        return {"step": step, "p": self._drop_fraction(step), **event}
 
     def merge(self) -> None:
         if self._model is None or self._merged:
@@ -214,11 +220,13 @@ class SeftMethod(RepairMethod):
         boundary = (step // self.config.update_interval + 1) * self.config.update_interval - 1
         return boundary if boundary < self.config.steps - 1 else None
 
+    def _drop_fraction(self, boundary: int) -> float:
+        """p(t) after ``boundary + 1`` of ``steps`` optimizer steps."""
+        return drop_fraction(boundary + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
+
     def _grow_count(self, layer: _Layer, window: int) -> int:
-        if window == INIT_WINDOW:
-            return layer.k
-        p = drop_fraction(window + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
-        return math.floor(p * layer.k)
+        """Slots replaced at the update ``window`` (all of them for the initial choice)."""
+        return layer.k if window == INIT_WINDOW else math.floor(self._drop_fraction(window) * layer.k)
 
     def _set_window(self, window: int | None) -> None:
         """Turn gradient accumulation for the update at ``window`` on in every layer (None: off)."""
@@ -257,14 +265,9 @@ class SeftMethod(RepairMethod):
         layer.window = window
 
     @torch.no_grad()
-    def _evolve(
-        self,
-        window: int,
-        grow_count: Callable[[_Layer], int],
-        optimizer: torch.optim.Optimizer | None,
-        count: bool,
-    ) -> dict[str, Any]:
-        event = _Totals(boundaries=1)
+    def _evolve(self, window: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Drop/grow/adapt every layer with the candidates accumulated for ``window``; returns the event."""
+        counts = _Counts()
         nnz_ok = True
         for layer in self.layers:
             module = layer.module
@@ -274,8 +277,8 @@ class SeftMethod(RepairMethod):
             grow = layer.grow if fresh else empty
             sensitivity = (layer.sensitivity if fresh else empty) if self.revive else None
             indices = module.indices.long()
-            step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow, grow_count(layer),
-                                sensitivity, module.weight)
+            step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow,
+                                self._grow_count(layer, window), sensitivity, module.weight)
             module.indices.copy_(indices)
             module.values[step.repurposed] = 0
             if optimizer is not None:
@@ -283,19 +286,13 @@ class SeftMethod(RepairMethod):
             if step.removed.numel():
                 self._clear(layer, step.removed)
             layer.window, layer.grow, layer.sensitivity = None, None, None
-            event.dropped += step.dropped
-            event.grown += step.grown
-            event.revived += step.revived
-            event.emptied += step.emptied
-            event.removed_by_sensitivity += step.removed_by_sensitivity
+            counts.add(step)
             nnz_ok &= int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
-        if count:
-            for name, value in dataclasses.asdict(event).items():
-                setattr(self._totals, name, getattr(self._totals, name) + value)
-        log.debug("SEFT update at %s: %s", window, event)
-        record = dataclasses.asdict(event)
-        del record["boundaries"]
-        return {**record, "nnz_ok": nnz_ok}
+        if window != INIT_WINDOW:
+            self._totals.add(counts)
+            self._boundaries += 1
+        log.debug("SEFT update at %s: %s", window, counts)
+        return {**dataclasses.asdict(counts), "nnz_ok": nnz_ok}
 
     @staticmethod
     def _clear(layer: _Layer, removed: torch.Tensor) -> None:
@@ -317,7 +314,8 @@ class SeftMethod(RepairMethod):
                 "grow": None if layer.grow is None else _clone_state(layer.grow),
                 "sensitivity": None if layer.sensitivity is None else _clone_state(layer.sensitivity),
             }
-        return {"init_pending": self._init_pending, "totals": dataclasses.asdict(self._totals), "layers": layers}
+        return {"init_pending": self._init_pending, "totals": dataclasses.asdict(self._totals),
+                "boundaries": self._boundaries, "layers": layers}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -335,7 +333,8 @@ class SeftMethod(RepairMethod):
             layer.window = saved["window"]
             layer.grow = _restore(saved["grow"], device)
             layer.sensitivity = _restore(saved["sensitivity"], device)
-        self._totals = _Totals(**state["totals"])
+        self._totals = _Counts(**state["totals"])
+        self._boundaries = state["boundaries"]
         self._init_pending = state["init_pending"]
         self._set_window(INIT_WINDOW if self._init_pending else None)
 
@@ -349,6 +348,7 @@ class SeftMethod(RepairMethod):
             "revive": self.revive,
             "trainable": sum(layer.k for layer in self.layers),
             "revived_weights": revived,
+            "boundaries": self._boundaries,
             "updates": dataclasses.asdict(self._totals),
             "init": self.init_event,
             "layers": layers,
