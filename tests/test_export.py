@@ -257,8 +257,9 @@ def test_onnx_sparse_initializers_gpt2(tmp_path):
 
     src = prune_copy(save_tiny_model(tmp_path / "gpt2", "gpt2"), tmp_path / "gpt2-80", sparsity=0.8)
     dense = export_model(src, "onnx", tmp_path / "dense")
-    sparse = export_model(src, "onnx", tmp_path / "sparse", sparse_initializers=True)
+    sparse = export_model(src, "onnx", tmp_path / "sparse", sparse_initializers=True, opset=18)
     graph = onnx.load(tmp_path / "sparse" / "model.onnx")
+    assert sparse.parity["opset"] == 18 and {o.version for o in graph.opset_import if o.domain == ""} == {18}
     assert len(graph.graph.sparse_initializer) == sparse.targets == 8  # 4 Conv1D per block, 2 blocks
     assert sparse.export_bytes < dense.export_bytes
     assert sparse.parity["max_abs_diff"] < 1e-4
