@@ -165,3 +165,21 @@ def test_report_records_the_run_and_serialises(tiny_text_file, tmp_path):
     assert report.sparsity_before == pytest.approx(0.5) and report.peak_rss_mb > 0
     data = json.loads(write_json(tmp_path / "r.json", report).read_text())
     assert data["config"]["method"] == "seft" and len(data["layers"]) == 14
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_text_file):
+    results, block_calls = [], []
+    for checkpointing in (False, True):
+        model, tokenizer = pruned_llama()
+        mlp, calls = model.model.layers[0].mlp, []
+        # counted in forward itself: module hooks do not fire when checkpointing recomputes a block
+        mlp.forward = lambda x, _forward=mlp.forward, _calls=calls: _calls.append(1) or _forward(x)
+        repair_model(model, tokenizer, config("seft", tiny_text_file, gradient_checkpointing=checkpointing),
+                     progress=False)
+        results.append(weights(model))
+        block_calls.append(len(calls))
+        assert not model.is_activation_checkpointing
+    assert block_calls[1] == 2 * block_calls[0]  # every training forward inside a block is recomputed in backward
+    for name, weight in results[0].items():
+        assert torch.equal(weight != 0, results[1][name] != 0), name
+        torch.testing.assert_close(results[1][name], weight, rtol=1e-5, atol=1e-6)

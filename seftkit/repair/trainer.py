@@ -150,6 +150,21 @@ def evaluate_model(model: nn.Module, tokenizer, config: RepairConfig, progress: 
     return scores
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """HF activation (gradient) checkpointing, non-reentrant so frozen inputs need no ``requires_grad``;
+    transformers 5 renamed the methods (the old names warn)."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Causal LM loss (HF shifts labels and skips -100), under bf16 autocast on CUDA."""
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -198,7 +213,7 @@ def repair_model(
     was_training = model.training
     model.train()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     try:
         if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
             state = load_checkpoint(checkpoint_dir, config, method, optimizer)
@@ -213,7 +228,7 @@ def repair_model(
                               stop_after, density=1.0 - report.sparsity_before)
     finally:
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            set_activation_checkpointing(model, False)
         model.train(was_training)
     report.steps_done = state.step
     report.loss_curve = state.loss_curve
