@@ -144,9 +144,10 @@ def evolve_layer(
        positions, chosen inside ``active`` unless reviving). Should the candidates run out (tiny layers), the
        dropped positions themselves are reused, so ``|I| = k`` always holds.
     3. ADAPT (only with ``sensitivity``): the r grown positions outside ``active`` join it and r active
-       positions leave it, never one grown in this step: first dropped positions where ``base_weight`` (the
-       frozen [out, in] weight) is 0, which the drop left at exactly zero (a revived weight whose delta was
-       dropped is dead weight), then those with the smallest accumulated sensitivity |T * g|. Slots sitting
+       positions leave it, those of smallest sensitivity |T * g|, never one grown in this step. T is taken
+       after the drop: dropped positions where ``base_weight`` (the frozen [out, in] weight) is 0 now have
+       T = 0 exactly (a revived weight whose delta was dropped), so they go first; then the candidates with
+       the smallest sensitivity accumulated over the window. Slots sitting
        on removed positions move to the best remaining candidates inside ``active`` (or, failing those, to
        dropped positions that are still active), so ``|active|`` and ``|I|`` are unchanged.
 
