@@ -62,8 +62,7 @@ class EvalReport:
 
 def _check_arguments(tasks: str | list[str] | None, seqlen: int, limit: int | None, batch_size: int) -> list[str]:
     """Refuse bad arguments up front (before a model loads or any compute runs); returns the task names."""
-    for what, value in (("seqlen", seqlen), ("limit", limit), ("batch size", batch_size)):
-        least = 2 if what == "seqlen" else 1
+    for what, value, least in (("seqlen", seqlen, 2), ("limit", limit, 1), ("batch size", batch_size, 1)):
         if value is not None and value < least:
             raise SeftkitError(f"{what} must be at least {least}, got {value}")
     return parse_task_names(tasks) if tasks else []
