@@ -107,10 +107,12 @@ def test_fp32_activations_with_bf16_weights_keep_fp32_precision():
     assert_matches_reference(y, x, weight)
 
 
-def test_kernel_rejects_mismatched_input_width():
+def test_kernel_rejects_mismatched_input_width_and_bad_buffers():
     packed = pack_bitmap(pruned(4, 64, torch.float32, sparsity=0.5))
     with pytest.raises(RuntimeError, match=r"x must be \[batch, 64\]"):
         native().bitmap_matmul(torch.randn(1, 32), packed.values, packed.bits, packed.row_ptr, 64, 0)
+    with pytest.raises(RuntimeError, match=r"row_ptr must be int64 \[out\+1\]"):
+        native().bitmap_matmul(torch.randn(1, 64), packed.values, packed.bits, packed.row_ptr[:-1], 64, 0)
 
 
 def test_sparse_linear_matches_nn_linear_with_bias_and_leading_dims():

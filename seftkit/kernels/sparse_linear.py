@@ -31,7 +31,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with W stored bitmap-packed; the packed tensors are non-persistent buffers."""
+    """``y = x @ W.T + b`` with W stored bitmap-packed, for inference: no gradient flows through it.
+
+    The packed tensors are non-persistent buffers, so ``state_dict()`` and saved checkpoints stay dense.
+    """
 
     def __init__(self, packed: BitmapWeight, bias: torch.Tensor | None = None, isa: Isa | None = None) -> None:
         super().__init__()

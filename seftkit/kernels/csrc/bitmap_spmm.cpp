@@ -229,6 +229,8 @@ RowFn pick(int64_t isa, bool bf16, int64_t batch) {
 torch::Tensor bitmap_matmul(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& bits,
                             const torch::Tensor& row_ptr, int64_t in_features, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [batch, ", in_features, "]");
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && bits.device().is_cpu() && row_ptr.device().is_cpu(),
+              "the bitmap kernels run on CPU tensors only");
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
               "values must be float32 or bfloat16");
