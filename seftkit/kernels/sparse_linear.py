@@ -105,6 +105,8 @@ def sparsify_model(model: nn.Module, backend: str = "auto", nm: tuple[int, int] 
         from seftkit.kernels.cuda24 import sparsify_cuda24
 
         return sparsify_cuda24(model, linears)
+    if on_cuda:
+        raise SeftkitError(f"backend {backend!r} runs on CPU; move the model to CPU or use backend 'cuda24'")
     if backend == "nm":
         for name, module in linears.items():
             if not nm_valid(linear_weight(module), *nm):
