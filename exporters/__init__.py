@@ -106,6 +106,9 @@ def _write(fmt: str, lm, folder, report: ExportReport, rule: TargetRule | None, 
                               "multiple of 8) and were stored as CSR")
     elif fmt == "compressed":
         report.layout = compressed.write(lm, folder, rule)
+        note = compressed.reader_note()
+        if note:
+            report.notes.append(note)
     else:
         onnx.write(lm, folder, report, opset=opset, sparse_initializers=sparse_initializers)
         report.layout = "onnx+sparse-initializers" if sparse_initializers else "onnx"

@@ -1,9 +1,10 @@
 """compressed-tensors checkpoints (``sparse-bitmask``, ``sparse-24-bitmask``), the layout vLLM and LLM Compressor read.
 
 compressed-tensors 0.20 still defines these formats (``BitmaskConfig``, ``Sparse24BitMaskConfig``, the
-``pack_bitmasks`` bit order) but dropped the compressors that wrote them, so this module writes the tensors
-exactly as the library's ``BitmaskCompressor`` / ``Sparse24BitMaskCompressor`` did (<= 0.14), using the
-library's own config classes and bit packing. Per targeted module ``<m>`` (weight as stored by HF):
+``pack_bitmasks`` bit order) but dropped the compressors that wrote and read them, so this module writes the
+tensors exactly as the library's ``BitmaskCompressor`` / ``Sparse24BitMaskCompressor`` did (byte-identical to
+0.12.2, which also decompresses these exports exactly), using the library's own config classes and bit
+packing. Per targeted module ``<m>`` (weight as stored by HF):
 
 - ``sparse-bitmask``: ``<m>.shape`` (int64 [2]), ``<m>.compressed`` (the non-zeros, row-major),
   ``<m>.bitmask`` (uint8 [rows, ceil(cols/8)], little bit order), ``<m>.row_offsets`` (int64 [rows]).
@@ -108,6 +109,19 @@ def write(model: PreTrainedModel, folder: Path, rule: TargetRule | None = None) 
                                      "sparsity_config": sparsity.model_dump(), "transform_config": {}}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return fmt
+
+
+def reader_note() -> str | None:
+    """Why the installed compressed-tensors cannot load the checkpoint itself, when that is the case."""
+    import compressed_tensors
+
+    try:
+        from compressed_tensors.compressors import BitmaskCompressor  # noqa: F401  (0.12.2 has it, 0.20 not)
+    except ImportError:
+        return (f"the installed compressed-tensors {compressed_tensors.__version__} (and transformers on top of it) "
+                "no longer decompresses sparse checkpoints: read this with a release that still has "
+                "BitmaskCompressor (checked: 0.12.2) or with seftkit.exporters.compressed.load_model")
+    return None
 
 
 def sparsity_config(folder: str | Path) -> dict:
