@@ -212,21 +212,47 @@ def test_sparsegpt_update_is_the_least_squares_optimum():
     torch.testing.assert_close((pruned - w)[:, rest].double(), update, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def make_other_family(family: str):
+    """Families beyond conftest's: GPT-NeoX, and Gemma 3 whose layers alternate sliding-window (8 tokens, shorter
+    than the windows) and global attention with different rotary bases, so each block gets its own mask and
+    position embeddings."""
+    from conftest import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    extra = {"gemma3_text": dict(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)}
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                  hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256, **extra.get(family, {}))
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_neox", "gemma3_text"])
 def test_block_loop_reproduces_the_dense_forward(family, texts):
-    """Captured block-0 inputs, run block by block in batches of 2 (sizes 2, 2, 1), equal the model's own."""
+    """Captured block inputs, run block by block in batches of 2 (sizes 2, 2, 1), equal the model's own."""
     from seftkit.prune import calibration_windows
 
-    model, tokenizer = make_tiny_model(family)
+    model, tokenizer = make_tiny_model(family) if family in FAMILIES else make_other_family(family)
     windows = calibration_windows(model, tokenizer, texts, nsamples=5, seqlen=SEQLEN, seed=0)
     with torch.no_grad():
         expected = model(windows, output_hidden_states=True).hidden_states
     _, layers = find_decoder_layers(model)
-    inputs = capture_block_inputs(model, layers[0], windows, batch_size=2)
+    inputs = capture_block_inputs(model, layers, windows, batch_size=2)
     assert sorted(inputs.extras) == [1, 2]
+    assert [len(per_block) for per_block in inputs.extras.values()] == [len(layers)] * 2
     for i, block in enumerate(layers):
         torch.testing.assert_close(inputs.hidden, expected[i], rtol=1e-5, atol=1e-5)
-        run_block(block, inputs)
+        run_block(block, i, inputs)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3_text"])
+def test_other_families_prune_exactly(family, texts):
+    model, tokenizer = make_other_family(family)
+    report = prune_model(model, tokenizer, "sparsegpt", TWO_FOUR, texts, nsamples=NSAMPLES, seqlen=SEQLEN,
+                         progress=False)
+    assert len(report.tensors) == 4 * (7 if family == "gemma3_text" else 4)
+    assert all(nm_valid(w, 2, 4) for w in weights(model).values())
 
 
 # --- API validation ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Instead of re-implementing each architecture's forward pass (what breaks research code on every transformers
 release), the model itself runs up to its first decoder block, where a forward pre-hook records exactly what
 the model passes in (hidden states, attention mask, rotary ``position_embeddings``, ...) and stops the forward.
-From then on only one block is live at a time: its target linears' inputs are summarised by forward hooks,
+From then on only one block is live at a time: its target linears' inputs are summarised by forward pre-hooks,
 the linears are pruned, and the block is run again so that the next block sees the *pruned* outputs.
 Activations for all calibration samples are held once (in the model dtype, on the compute device or on the
 CPU), updated in place block by block, so memory does not grow with the number of layers.
@@ -32,28 +32,33 @@ PruneLinear = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded: nothing after it needs to run."""
+    """Raised from a forward pre-hook once everything needed from this forward is recorded."""
+
+
+Extras = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
 class BlockInputs:
     """The inputs of the current decoder block for every calibration sample.
 
-    ``hidden`` is ``[nsamples, seqlen, hidden]``; ``extras`` maps a batch size to the other positional and keyword
-    arguments the model passed to its blocks for a batch of that size (masks and rotary embeddings depend on the
-    batch shape only, never on the layer, so at most two sizes ever occur: full batches and the last one).
+    ``hidden`` is ``[nsamples, seqlen, hidden]``. ``extras[batch_size][block]`` holds the other positional and
+    keyword arguments the model passed to that block for a batch of that size: masks and rotary embeddings
+    depend on the batch shape and, in models that mix sliding-window and global attention (Gemma 2/3, Qwen 3),
+    on the layer. The model computes them once per forward, so these are references to shared tensors, and at
+    most two batch sizes occur (full batches and the last one).
     """
 
     hidden: torch.Tensor
-    extras: dict[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    extras: dict[int, list[Extras]]
     batch_size: int
     device: torch.device
 
-    def batches(self) -> Iterator[tuple[slice, torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
+    def batches(self, block: int) -> Iterator[tuple[slice, torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
         total = self.hidden.shape[0]
         for start in range(0, total, self.batch_size):
             rows = slice(start, min(start + self.batch_size, total))
-            args, kwargs = self.extras[rows.stop - rows.start]
+            args, kwargs = self.extras[rows.stop - rows.start][block]
             yield rows, self.hidden[rows].to(self.device), args, kwargs
 
 
@@ -72,34 +77,48 @@ def activation_device(device: torch.device, numel: int, dtype: torch.dtype) -> t
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> BlockInputs:
-    """Run the model on ``windows`` ``[n, seqlen]`` up to ``first_block`` and record what it receives."""
+    """Run the model on ``windows`` ``[n, seqlen]`` and record what its decoder blocks receive.
+
+    Block 0's hidden states are kept for every sample, and the forward stops there, except for the first batch
+    of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen.
+    """
     device = model_device(model)
-    state: dict[str, Any] = {"hidden": None, "rows": None}
-    extras: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    state: dict[str, Any] = {"hidden": None}
+    extras: dict[int, list[Extras]] = {}
 
-    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if state["hidden"] is None:
-            shape = (windows.shape[0], *hidden.shape[1:])
-            store = activation_device(device, int(torch.Size(shape).numel()), hidden.dtype)
-            state["hidden"] = torch.empty(shape, dtype=hidden.dtype, device=store)
-        state["hidden"][state["rows"]] = hidden.to(state["hidden"].device)
-        extras.setdefault(hidden.shape[0], (tuple(args[1:]), kwargs))
-        raise _StopForward
+    def recorder(index: int) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                if state["hidden"] is None:
+                    shape = (windows.shape[0], *hidden.shape[1:])
+                    store = activation_device(device, int(torch.Size(shape).numel()), hidden.dtype)
+                    state["hidden"] = torch.empty(shape, dtype=hidden.dtype, device=store)
+                state["hidden"][state["rows"]] = hidden.to(state["hidden"].device)
+            if state["recording"]:
+                extras[hidden.shape[0]].append((tuple(args[1:]), kwargs))
+            if not state["recording"] or index == len(layers) - 1:
+                raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
+        return record
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
     try:
         for start in range(0, windows.shape[0], batch_size):
-            state["rows"] = slice(start, min(start + batch_size, windows.shape[0]))
+            rows = slice(start, min(start + batch_size, windows.shape[0]))
+            size = rows.stop - rows.start
+            state.update(rows=rows, recording=size not in extras)
+            extras.setdefault(size, [])
             try:
-                model(windows[state["rows"]].to(device), use_cache=False)
+                model(windows[rows].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return BlockInputs(hidden=state["hidden"], extras=extras, batch_size=batch_size, device=device)
 
 
@@ -139,9 +158,10 @@ class InputStatistics:
 
         return hook
 
-    def collect(self, block: nn.Module, inputs: BlockInputs) -> None:
-        """Run every calibration batch through ``block`` just far enough to see all hooked inputs."""
-        for _, hidden, args, kwargs in inputs.batches():
+    def collect(self, block: nn.Module, index: int, inputs: BlockInputs) -> None:
+        """Run every calibration batch through ``block`` (number ``index``) just far enough to see all hooked
+        inputs."""
+        for _, hidden, args, kwargs in inputs.batches(index):
             try:
                 block(hidden, *args, **kwargs)
             except _StopForward:
@@ -161,9 +181,9 @@ class InputStatistics:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> None:
-    """Run every calibration batch through ``block`` and replace its inputs by its outputs."""
-    for rows, hidden, args, kwargs in inputs.batches():
+def run_block(block: nn.Module, index: int, inputs: BlockInputs) -> None:
+    """Run every calibration batch through ``block`` (number ``index``) and replace its inputs by its outputs."""
+    for rows, hidden, args, kwargs in inputs.batches(index):
         out = block(hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         inputs.hidden[rows] = out.to(inputs.hidden.device)
@@ -186,7 +206,7 @@ def prune_blockwise(
     Returns the peak resident memory in bytes sampled after each block (psutil RSS).
     """
     process = psutil.Process()
-    inputs = capture_block_inputs(model, layers[0], windows, batch_size)
+    inputs = capture_block_inputs(model, layers, windows, batch_size)
     peak_rss = process.memory_info().rss
     for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
         prefix = f"{layers_name}.{index}."
@@ -194,13 +214,13 @@ def prune_blockwise(
         if linears:
             stats = InputStatistics(linears, statistic)
             try:
-                stats.collect(block, inputs)
+                stats.collect(block, index, inputs)
             finally:
                 stats.remove()
             for name, module in linears.items():
                 prune_linear(name, module, stats.mean(name))
             del stats
         if index + 1 < len(layers):
-            run_block(block, inputs)
+            run_block(block, index, inputs)
         peak_rss = max(peak_rss, process.memory_info().rss)
     return peak_rss
