@@ -77,21 +77,28 @@ def test_same_seed_same_weights_other_seed_other_data(tiny_text_file):
     assert runs[0][1][0][1] != runs[2][1][0][1]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("good_calls", "message", "kept_step"), [
+    (5, r"loss became nan at step 3; try a lower --lr \(the last good checkpoint is kept in", 2),  # 2 init + 3
+    (0, r"loss became nan before the first step; try a lower --lr \(no checkpoint\)", None),
+])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(good_calls, message, kept_step, tiny_text_file,
+                                                                  tmp_path, monkeypatch):
     calls = {"n": 0}
     real = trainer.micro_batch_loss
 
     def poisoned(model, batch, device):
         calls["n"] += 1
         loss = real(model, batch, device)
-        return loss * float("nan") if calls["n"] > 5 else loss  # init passes (2) + steps 0-2, then NaN
+        return loss * float("nan") if calls["n"] > good_calls else loss
 
     monkeypatch.setattr(trainer, "micro_batch_loss", poisoned)
     model, tokenizer = pruned_llama()
-    with pytest.raises(DivergenceError, match=r"loss became nan at step 3; try a lower --lr \(the last good"):
+    with pytest.raises(DivergenceError, match=message):
         repair_model(model, tokenizer, config("seft", tiny_text_file), checkpoint_dir=tmp_path, progress=False)
-    saved = torch.load(tmp_path / STATE_FILE, weights_only=True)
-    assert saved["progress"]["step"] == 2
+    if kept_step is None:
+        assert not has_checkpoint(tmp_path)
+    else:
+        assert torch.load(tmp_path / STATE_FILE, weights_only=True)["progress"]["step"] == kept_step
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tiny_text_file, tmp_path):

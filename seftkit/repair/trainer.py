@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from seftkit.errors import DivergenceError, SeftkitError
 from seftkit.models import check_finite, linear_weight, target_linears
 from seftkit.repair.baselines import BASELINES
-from seftkit.repair.batches import build_batches
+from seftkit.repair.batches import TrainBatches, build_batches
 from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
@@ -38,6 +39,9 @@ from seftkit.repair.report import LayerSparsity, RepairReport
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.pattern import parse_nm
 from seftkit.sparsity.targets import TargetRule
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +136,9 @@ def overall_sparsity(layers: dict[str, LayerSparsity], after: bool) -> float:
     return 1.0 - nnz / numel
 
 
-def evaluate_model(model: nn.Module, tokenizer, config: RepairConfig, progress: bool) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RepairConfig, progress: bool
+) -> dict[str, float]:
     """``--eval-ppl`` perplexity and ``--eval-tasks`` accuracy (on the tasks' ``heldout`` split, which repair
     never trains on), flattened for the report; empty when neither is asked for."""
     if not config.eval_ppl and not config.eval_tasks:
@@ -174,7 +180,7 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: t
 
 def repair_model(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     config: RepairConfig,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
@@ -185,6 +191,8 @@ def repair_model(
 
     ``checkpoint_dir`` receives a checkpoint every ``config.checkpoint_every`` steps (and ``resume`` continues
     from it). ``stop_after`` ends training after that many steps without merging, as a kill would (tests).
+    Settings are checked before the model is touched; an error during training (e.g. :class:`DivergenceError`)
+    leaves the model mid-repair, so reload it before using it again.
     """
     check_config(config)
     started = time.perf_counter()
@@ -250,19 +258,29 @@ def repair_model(
     return report
 
 
-def run_init_passes(model: nn.Module, method: RepairMethod, batches, device: torch.device) -> None:
+def check_loss(loss: torch.Tensor, when: str, checkpoint_dir: Path | None) -> None:
+    """Stop on a NaN/inf loss before its backward and optimizer step can spread it into the weights."""
+    if not torch.isfinite(loss):
+        kept = (f"the last good checkpoint is kept in {checkpoint_dir}"
+                if checkpoint_dir is not None and has_checkpoint(checkpoint_dir) else "no checkpoint")
+        raise DivergenceError(f"loss became {loss.item()} {when}; try a lower --lr ({kept})")
+
+
+def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatches, device: torch.device) -> None:
     """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step."""
     passes = method.init_passes()
     for index in range(passes):
         method.before_backward(0)
         loss = micro_batch_loss(model, batches.micro_batch(index), device)
+        check_loss(loss, "before the first step", None)
         (loss / passes).backward()
     if passes:
         method.finish_init()
         model.zero_grad(set_to_none=True)
 
 
-def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches, config: RepairConfig,
+def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches: TrainBatches,
+          config: RepairConfig,
           state: Progress, device: torch.device, checkpoint_dir: Path | None, progress: bool,
           stop_after: int | None, density: float) -> float:
     """Run steps ``state.step .. config.steps - 1`` (updating ``state``); returns the seconds spent training.
@@ -284,10 +302,7 @@ def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimiz
             for micro in range(config.grad_accum):
                 method.before_backward(step)  # before the forward: autograd functions capture hooks there
                 loss = micro_batch_loss(model, batches.micro_batch(step * config.grad_accum + micro), device)
-                if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint is kept in {checkpoint_dir}"
-                            if checkpoint_dir is not None and has_checkpoint(checkpoint_dir) else "no checkpoint")
-                    raise DivergenceError(f"loss became {loss.item()} at step {step}; try a lower --lr ({kept})")
+                check_loss(loss, f"at step {step}", checkpoint_dir)
                 (loss / config.grad_accum).backward()
                 total += loss.item() / config.grad_accum
             optimizer.step()
