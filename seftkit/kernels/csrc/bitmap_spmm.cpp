@@ -137,7 +137,8 @@ __attribute__((target(SEFTKIT_AVX512), always_inline)) inline const float* f32_w
   return v + __builtin_popcount(hi);
 }
 
-// Two accumulators per activation row, for the same reason as row_avx512_dpbf16.
+// Even and odd words accumulate separately: at batch 1 a single accumulator would serialise every FMA
+// on its latency, and the row would run slower than memory delivers it. (Same in the kernels below.)
 template <int B>
 __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   const float* v = static_cast<const float*>(a.values);
@@ -155,24 +156,31 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
 
 // bf16 weights, fp32 activations: expand 32 bf16 values, widen to two fp32 vectors, FMA.
 template <int B>
+__attribute__((target(SEFTKIT_AVX512), always_inline)) inline const uint16_t* bf16_word(
+    uint32_t word, const uint16_t* v, const float* xc, int64_t x_stride, __m512* acc) {
+  __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
+  __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(packed)), 16));
+  __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(packed, 1)), 16));
+  for (int b = 0; b < B; ++b) {
+    acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * x_stride), acc[b]);
+    acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * x_stride + 16), acc[b]);
+  }
+  return v + __builtin_popcount(word);
+}
+
+template <int B>
 __attribute__((target(SEFTKIT_AVX512))) void row_avx512_bf16(const RowArgs& a) {
   const uint16_t* v = static_cast<const uint16_t*>(a.values);
   const float* x = static_cast<const float*>(a.x);
-  __m512 acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < a.words; ++w) {
-    uint32_t word = a.bits[w];
-    __m512i packed = _mm512_maskz_expandloadu_epi16(word, v);
-    v += __builtin_popcount(word);
-    __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(packed)), 16));
-    __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(packed, 1)), 16));
-    const float* xc = x + w * kWordBits;
-    for (int b = 0; b < B; ++b) {
-      acc[b] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xc + b * a.x_stride), acc[b]);
-      acc[b] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xc + b * a.x_stride + 16), acc[b]);
-    }
+  __m512 even[B], odd[B];
+  for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 1 < a.words; w += 2) {
+    v = bf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+    v = bf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
-  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(acc[b]);
+  if (w < a.words) bf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
+  for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(even[b], odd[b]));
 }
 
 // bf16 weights and bf16 activations: one vdpbf16ps does 32 multiply-adds (exact bf16 products, fp32 sums).
@@ -187,8 +195,6 @@ __attribute__((target(SEFTKIT_AVX512 ",avx512bf16"), always_inline)) inline cons
   return v + __builtin_popcount(word);
 }
 
-// Even and odd words accumulate separately: at batch 1 a single accumulator would serialise every
-// vdpbf16ps on its latency, and the row would run slower than memory delivers it.
 template <int B>
 __attribute__((target(SEFTKIT_AVX512 ",avx512bf16"))) void row_avx512_dpbf16(const RowArgs& a) {
   const uint16_t* v = static_cast<const uint16_t*>(a.values);
