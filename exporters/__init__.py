@@ -70,8 +70,9 @@ def export_model(
         check_finite(lm)
         targets = common.target_weights(lm, rule)
         tensors, _ = common.unique_state_dict(lm)
+        weights_dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
         report = common.ExportReport(format=fmt, layout=fmt, model=str(model), out=str(out),
-                                     dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                                     dtype=str(weights_dtype).removeprefix("torch."),
                                      targets=len(targets), sparsity=common.sparsity_of(targets))
         side_files = common.save_side_files(lm, tokenizer, tmp)
         stages.update()
