@@ -33,14 +33,11 @@ def prune(model: str, method: str, sparsity: float | None, nm: str | None, calib
           seed: int, batch_size: int, out: str | None, overwrite: bool, include: str | None, exclude: str | None,
           device: str, json_path: str | None) -> None:
     """Prune MODEL (HF folder or built-in name) to --sparsity S or --nm N:M and save it as an HF folder."""
-    from seftkit.errors import SeftkitError
     from seftkit.prune import prune_checkpoint
     from seftkit.sparsity.pattern import parse_pattern
     from seftkit.sparsity.targets import TargetRule
 
     pattern = parse_pattern(sparsity, nm)
-    if batch_size < 1:
-        raise SeftkitError(f"--batch-size must be at least 1, got {batch_size}")
     report = prune_checkpoint(model, method, pattern, out=out, calib=calib, nsamples=nsamples, seqlen=seqlen,
                               seed=seed, rule=TargetRule(include, exclude), device=device, overwrite=overwrite,
                               batch_size=batch_size)

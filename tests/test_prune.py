@@ -377,6 +377,7 @@ def nan_model_dir(tmp_path_factory):
     (["--sparsity", "0.5", "--seqlen", "64", "--calib", "SHORT"], "fewer than seqlen 64"),
     (["--sparsity", "0.5", "--include", "("], "bad --include regular expression"),
     (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be at least 1, got 0"),
+    (["--sparsity", "0.5", "--batch-size", "0"], "batch size must be at least 1, got 0"),
     (["--sparsity", "0.5", "--model-is-nan"], "weight model.layers.0.self_attn.o_proj.weight contains NaN"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(llama_dir, nan_model_dir, tmp_path, args, message):

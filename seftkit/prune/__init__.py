@@ -138,6 +138,8 @@ def prune_model(
     """
     if method not in METHODS:
         raise SeftkitError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
+    if batch_size < 1:
+        raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
     spec = METHODS[method]
     rule = rule or TargetRule()
     start = time.perf_counter()
@@ -219,14 +221,13 @@ def prune_checkpoint(
     """Load -> prune -> save an HF folder (with ``prune_report.json``) atomically; bad input writes nothing."""
     from seftkit.data import load_texts
     from seftkit.io import atomic_dir, check_output_path, write_json
-    from seftkit.models import resolve_device
 
     out = Path(out) if out is not None else default_out(str(model_spec), method, pattern)
     check_output_path(out, overwrite, inputs=(model_spec,))
     if method not in METHODS:
         raise SeftkitError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
     texts = load_texts(calib) if METHODS[method].statistic is not None else None
-    model, tokenizer = load_model(model_spec, device=resolve_device(device))
+    model, tokenizer = load_model(model_spec, device=device)
     report = prune_model(model, tokenizer, method, pattern, texts, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          rule=rule, batch_size=batch_size, progress=progress)
     if report.calibration is not None:
