@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ SOURCES = ("bitmap_spmm.cpp",)
 _CFLAGS = ("-O3", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch already loaded (same soname), one thread pool
 ISA_ENV = "SEFTKIT_KERNEL_ISA"
+
+log = logging.getLogger(__name__)
 
 
 class Isa(enum.IntEnum):
@@ -55,8 +58,11 @@ def _compile() -> ModuleType:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    name = f"seftkit_kernels_{folder.name}"
+    if not (folder / f"{name}.so").is_file():
+        log.info("compiling seftkit's sparse CPU kernels into %s (once; a minute or two)", folder)
     return cpp_extension.load(
-        name=f"seftkit_kernels_{folder.name}",
+        name=name,
         sources=[str(source_dir() / name) for name in SOURCES],
         extra_cflags=list(_CFLAGS),
         extra_ldflags=list(_LDFLAGS),
