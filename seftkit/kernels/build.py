@@ -63,7 +63,7 @@ def _compile() -> ModuleType:
         log.info("compiling seftkit's sparse CPU kernels into %s (once; a minute or two)", folder)
     return cpp_extension.load(
         name=name,
-        sources=[str(source_dir() / name) for name in SOURCES],
+        sources=[str(source_dir() / source) for source in SOURCES],
         extra_cflags=list(_CFLAGS),
         extra_ldflags=list(_LDFLAGS),
         build_directory=str(folder),
