@@ -170,7 +170,8 @@ def test_wanda_matches_hook_free_reference(texts):
     windows = calibration_windows(model, tokenizer, texts, nsamples=5, seqlen=SEQLEN, seed=3)
     reference, _ = make_tiny_model("llama")
     reference_wanda(reference, windows, 0.5)
-    prune_model(model, tokenizer, "wanda", HALF, windows, batch_size=2, progress=False)  # batches 2, 2, 1
+    report = prune_model(model, tokenizer, "wanda", HALF, windows, batch_size=2, progress=False)  # batches 2, 2, 1
+    assert report.calibration == {"nsamples": 5, "seqlen": SEQLEN, "seed": None}
     ours, theirs = weights(model), weights(reference)
     assert len(ours) == 14
     for name in ours:

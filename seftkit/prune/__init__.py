@@ -104,6 +104,12 @@ def calibration_windows(
     return token_windows(tokenizer, texts, seqlen, nsamples, seed)
 
 
+def get_method(name: str) -> PruneMethod:
+    if name not in METHODS:
+        raise SeftkitError(f"unknown pruning method {name!r}: choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def _check_targets(targets: dict[str, nn.Module], pattern: SparsityPattern, calibrated: bool, blocks: str) -> None:
     if not targets:
         raise SeftkitError("no weights match the target rule; check --include / --exclude")
@@ -133,14 +139,12 @@ def prune_model(
     """Prune ``model`` in place and describe the result.
 
     ``calib`` is calibration text (cut into ``nsamples`` random ``seqlen``-token windows with ``seed``) or
-    ready ``[n, seqlen]`` token windows; magnitude pruning ignores it. Everything is validated (finite weights,
-    N:M widths, targets) before the first weight changes.
+    ready ``[n, seqlen]`` token windows (the report's seed is then ``None``); magnitude pruning ignores it.
+    Everything is validated (finite weights, N:M widths, targets, data length) before the first weight changes.
     """
-    if method not in METHODS:
-        raise SeftkitError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
+    spec = get_method(method)
     if batch_size < 1:
         raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
-    spec = METHODS[method]
     rule = rule or TargetRule()
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -165,13 +169,12 @@ def prune_model(
     else:
         if calib is None:
             raise SeftkitError(f"{method} needs calibration data")
-        if isinstance(calib, torch.Tensor):
-            windows = calib
-        else:
-            if tokenizer is None:
-                raise SeftkitError(f"{method} needs a tokenizer to cut calibration text into windows")
-            windows = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed)
-        calibration = {"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
+        sampled = not isinstance(calib, torch.Tensor)
+        if sampled and tokenizer is None:
+            raise SeftkitError(f"{method} needs a tokenizer to cut calibration text into windows")
+        windows = calibration_windows(model, tokenizer, calib, nsamples, seqlen, seed) if sampled else calib
+        calibration = {"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                       "seed": seed if sampled else None}
         rss = prune_blockwise(model, layers_name, layers, windows, rule, spec.statistic, prune_linear,
                               batch_size=batch_size, progress=progress)
         peak_rss = max(peak_rss, rss)
@@ -224,9 +227,7 @@ def prune_checkpoint(
 
     out = Path(out) if out is not None else default_out(str(model_spec), method, pattern)
     check_output_path(out, overwrite, inputs=(model_spec,))
-    if method not in METHODS:
-        raise SeftkitError(f"unknown pruning method {method!r}: choose from {', '.join(METHODS)}")
-    texts = load_texts(calib) if METHODS[method].statistic is not None else None
+    texts = load_texts(calib) if get_method(method).statistic is not None else None
     model, tokenizer = load_model(model_spec, device=device)
     report = prune_model(model, tokenizer, method, pattern, texts, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          rule=rule, batch_size=batch_size, progress=progress)
@@ -240,4 +241,6 @@ def prune_checkpoint(
     return report
 
 
-__all__ = ["METHODS", "PruneMethod", "PruneReport", "calibration_windows", "prune_checkpoint", "prune_model"]
+__all__ = [
+    "METHODS", "PruneMethod", "PruneReport", "calibration_windows", "get_method", "prune_checkpoint", "prune_model",
+]
