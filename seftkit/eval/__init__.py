@@ -7,6 +7,7 @@ task definitions (``TASKS``, ``load_task``, ``MCItem``).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from seftkit.eval.tasks import TASKS, MCItem, load_task, parse_task_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EvalReport", "MCItem", "PerplexityResult", "TASKS", "TaskResult", "evaluate", "evaluate_model", "load_task",
@@ -95,8 +98,11 @@ def evaluate(
         if isinstance(ppl_texts, str):
             report.ppl_data, ppl_texts = ppl_texts, load_texts(ppl_texts)
         report.ppl = perplexity(model, tokenizer, ppl_texts, seqlen, batch_size, progress=progress)
-    for name, questions in items.items():
-        report.tasks[name] = score_multiple_choice(model, tokenizer, questions, batch_size, name, progress)
+        log.info("perplexity %.3f (seqlen %d, %d windows)", report.ppl.ppl, report.ppl.seqlen, report.ppl.windows)
+    for name, questions in items.items():  # each result is logged as it lands: long runs show partial numbers
+        result = report.tasks[name] = score_multiple_choice(model, tokenizer, questions, batch_size, name, progress)
+        log.info("%s: acc %.4f ± %.4f, acc_norm %.4f (n %d)", name, result.acc, result.stderr, result.acc_norm,
+                 result.n)
     if report.tasks:
         report.mean_acc = sum(r.acc for r in report.tasks.values()) / len(report.tasks)
     report.seconds = time.perf_counter() - started
