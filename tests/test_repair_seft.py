@@ -270,3 +270,16 @@ def test_bad_settings_are_refused(overrides, message):
 def test_methods_registry():
     assert set(METHODS) == {"seft", "seft-no-revive"}
     assert METHODS["seft"](_config()).revive and not METHODS["seft-no-revive"](_config()).revive
+
+
+def test_accumulation_windows_precede_each_boundary_but_not_the_end():
+    run = _start(_config(init="random"), init=False)
+    accumulating = []
+    for step in range(STEPS):
+        run.method.before_backward(step)
+        if all(layer.module.grad_hook is not None for layer in run.method.layers):
+            accumulating.append(step)
+        else:
+            assert all(layer.module.grad_hook is None for layer in run.method.layers)
+    assert accumulating == [2, 3, 6, 7]
+    assert [step for step in range(STEPS) if run.method.is_boundary(step)] == [3, 7]
