@@ -1,0 +1,194 @@
+"""SEFT against its baselines on the same pruned model, data order, seed, steps and trainable budget.
+
+    python -m seftkit.bench.repair_compare [--methods seft,masked-lora] [--steps 40] [--lrs 1e-4,3e-4,1e-3]
+
+Protocol (every number comes from this one run):
+- the default model pruned to ``--sparsity`` with Wanda (cached in ``--workdir``), dense and pruned perplexity;
+- every method x learning rate in a fresh subprocess, so peak memory and step time belong to that run alone;
+  the peak is the kernel's RSS high-water mark (``VmHWM``) reset after loading, and the memory ratios use that
+  peak minus the RSS right after loading (what training adds);
+- held-out text ``olmo:lambada:heldout`` is split in two interleaved halves: ``val`` picks each method's
+  best learning rate, ``test`` is what the table reports, so the sweep never sees the reported numbers;
+- "gap closed" = (ppl_pruned - ppl_method) / (ppl_pruned - ppl_dense) on ``test``.
+A diverged run (NaN loss) is listed in the sweep and loses the selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from seftkit.data import DEFAULT_HELDOUT_TEXT, DEFAULT_TRAIN_TEXT
+from seftkit.repair.config import METHODS, RepairConfig
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+WANDA_SEQLEN = 512
+
+
+def heldout_halves() -> tuple[list[str], list[str]]:
+    """``val`` (LR selection) and ``test`` (reported): alternate passages of the held-out text."""
+    from seftkit.data import load_texts
+
+    texts = load_texts(DEFAULT_HELDOUT_TEXT)
+    return texts[0::2], texts[1::2]
+
+
+def ensure_pruned(model: str, sparsity: float, samples: int, workdir: Path) -> Path:
+    """The Wanda-pruned model folder (``samples`` calibration windows), made once and reused by every run."""
+    from seftkit.prune import prune_checkpoint
+    from seftkit.sparsity.pattern import parse_pattern
+
+    out = workdir / f"{Path(model).name}-wanda-{round(sparsity * 100)}-n{samples}"
+    if not (out / "config.json").is_file():
+        prune_checkpoint(model, "wanda", parse_pattern(sparsity), out=out, nsamples=samples,
+                         seqlen=WANDA_SEQLEN, device="cpu")
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-memory high-water mark (Linux ``clear_refs`` 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_since_reset_mb() -> float:
+    """``VmHWM``: the resident high-water mark since the last :func:`reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (the memory columns need Linux)")
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One measured run (inside its own process): optional repair, then val/test perplexity."""
+    import psutil
+
+    from seftkit.eval import perplexity
+    from seftkit.models import load_model
+    from seftkit.repair import repair_model
+
+    model, tokenizer = load_model(job["model"], device="cpu")
+    loaded_mb = psutil.Process().memory_info().rss / 2**20
+    result: dict[str, Any] = {"loaded_rss_mb": loaded_mb}
+    if job.get("config"):
+        reset_peak_rss()  # loading can spike above what training needs; measure training alone
+        report = repair_model(model, tokenizer, RepairConfig(**job["config"]), progress=False)
+        peak_mb = peak_rss_since_reset_mb()
+        result.update(trainable=report.trainable_params, step_time_s=report.step_time_s, peak_rss_mb=peak_mb,
+                      train_extra_mb=peak_mb - loaded_mb, final_loss=report.final_loss, summary=report.method_summary)
+    val, test = heldout_halves()
+    for name, texts in (("val", val), ("test", test)):
+        result[f"{name}_ppl"] = perplexity(model, tokenizer, texts, seqlen=job["eval_seqlen"],
+                                           max_windows=job["eval_windows"], progress=False).ppl
+    return result
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`worker` in a fresh interpreter; a diverged or failed run is reported, not raised."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "seftkit.bench.repair_compare", "--worker", str(spec),
+                               "--result", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+def pick_best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in runs if "error" not in r and math.isfinite(r["val_ppl"])]
+    return min(ok, key=lambda r: r["val_ppl"]) if ok else None
+
+
+def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> list[str]:
+    gap = pruned["test_ppl"] - dense["test_ppl"]
+    ref_mem = {name: best[name]["train_extra_mb"] for name in ("masked-lora", "static") if best.get(name)}
+    ref_time = best["masked-lora"]["step_time_s"] if best.get("masked-lora") else None
+    lines = [f"dense test ppl {dense['test_ppl']:.3f}, pruned {pruned['test_ppl']:.3f}",
+             f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}{'peak MB':>9}"
+             f"{'+MB':>8}{'/mlora':>8}{'/static':>8}{'s/step':>8}{'/mlora':>8}"]
+    for name, run in best.items():
+        if run is None:
+            lines.append(f"{name:<16}  every learning rate failed")
+            continue
+        mem = run["train_extra_mb"]
+        lines.append(
+            f"{name:<16}{run['lr']:>8.0e}{run['trainable']:>12,}{run['test_ppl']:>10.3f}"
+            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}{run['peak_rss_mb']:>9.0f}{mem:>8.0f}"
+            + "".join(f"{mem / ref_mem[k]:>8.2f}" if k in ref_mem else f"{'-':>8}" for k in ("masked-lora", "static"))
+            + f"{run['step_time_s']:>8.2f}" + (f"{run['step_time_s'] / ref_time:>8.2f}" if ref_time else f"{'-':>8}")
+        )
+    return lines
+
+
+def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["learning-rate sweep (val ppl; the lowest is used):"]
+    for name, runs in sweep.items():
+        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else f"{r['val_ppl']:.3f}") for r in runs]
+        lines.append(f"  {name:<16}" + "   ".join(cells))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--calib-samples", type=int, default=64, help=f"Wanda windows of {WANDA_SEQLEN} tokens")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated repair methods")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="the shared LR sweep")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--lora-rank-equivalent", type=int, default=8)
+    parser.add_argument("--update-interval", type=int, default=10)
+    parser.add_argument("--accumulation-steps", type=int, default=3)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-repair"))
+    parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.result.write_text(json.dumps(worker(json.loads(args.worker.read_text()))))
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    lrs = [float(x) for x in args.lrs.split(",")]
+    evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows}
+    pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir)
+    dense = run_job({"model": args.model, **evaluation})
+    pruned = run_job({"model": str(pruned_dir), **evaluation})
+    sweep: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        for lr in lrs:
+            config = RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=args.steps, batch_size=args.batch_size,
+                                  seqlen=args.seqlen, lr=lr, seed=args.seed,
+                                  lora_rank_equivalent=args.lora_rank_equivalent,
+                                  update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
+                                  device="cpu")
+            run = {"lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
+            sweep.setdefault(method, []).append(run)
+            print(f"{method} lr {lr:g}: " + (run["error"] if "error" in run else
+                  f"val ppl {run['val_ppl']:.3f}, {run['step_time_s']:.2f} s/step"), file=sys.stderr, flush=True)
+    best = {method: pick_best(runs) for method, runs in sweep.items()}
+    print("\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best)]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "dense": dense,
+                                         "pruned": pruned, "sweep": sweep}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
