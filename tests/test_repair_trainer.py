@@ -163,12 +163,14 @@ def test_task_batches_train_on_answers_of_the_train_split_only():
 
 def test_report_records_the_run_and_serialises(tiny_text_file, tmp_path):
     model, tokenizer = pruned_llama()
-    report = repair_model(model, tokenizer, config("seft", tiny_text_file, steps=7, eval_ppl=str(tiny_text_file)),
-                          progress=False)
+    report = repair_model(model, tokenizer, config("seft", tiny_text_file, steps=7, eval_ppl=str(tiny_text_file),
+                                                   eval_tasks=["piqa"], eval_limit=4), progress=False)
     assert [step for step, _ in report.loss_curve] == list(range(7))
     assert [event["step"] for event in report.events] == [2, 5]  # boundaries after steps 3 and 6
     assert report.trainable_params == report.method_summary["trainable"]
     assert report.eval_after["ppl"] < report.eval_before["ppl"]
+    assert set(report.eval_before) == set(report.eval_after) == {"ppl", "piqa_acc", "mean_acc"}
+    assert report.eval_after["piqa_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 heldout questions
     assert report.sparsity_before == pytest.approx(0.5) and report.peak_rss_mb > 0
     data = json.loads(write_json(tmp_path / "r.json", report).read_text())
     assert data["config"]["method"] == "seft" and len(data["layers"]) == 14
