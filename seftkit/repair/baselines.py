@@ -169,7 +169,6 @@ class LoraPrune(RepairMethod):
     def attach(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
         from peft import LoraConfig, get_peft_model
 
-        self.model = model
         self.rank = lora_rank(self.config, targets)
         self.nnz = {name: int(support(module).sum()) for name, module in targets.items()}
         self.row_nnz = {name: uniform_row_nnz(support(module)) for name, module in targets.items()}
