@@ -192,3 +192,11 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_text_file):
     for name, weight in results[0].items():
         assert torch.equal(weight != 0, results[1][name] != 0), name
         torch.testing.assert_close(results[1][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_repair_on_task_data_learns_the_answers():
+    model, tokenizer = pruned_llama()
+    report = repair_model(model, tokenizer, config("masked-lora", "olmo:piqa", steps=8, seqlen=64, lr=3e-2),
+                          progress=False)
+    losses = [loss for _, loss in report.loss_curve]
+    assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])
