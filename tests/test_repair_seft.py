@@ -283,3 +283,16 @@ def test_accumulation_windows_precede_each_boundary_but_not_the_end():
             assert all(layer.module.grad_hook is None for layer in run.method.layers)
     assert accumulating == [2, 3, 6, 7]
     assert [step for step in range(STEPS) if run.method.is_boundary(step)] == [3, 7]
+
+
+def test_a_boundary_without_statistics_leaves_the_layer_alone():
+    run = _start(_config(init="random"), init=False)
+    with torch.no_grad():
+        for param in run.method.trainable_parameters():
+            param.uniform_(-1, 1)
+    before = _topology(run)
+    event = run.method.after_optimizer_step(3, run.optimizer)  # no before_backward: nothing was accumulated
+    assert event["dropped"] == event["grown"] == 0
+    for name, (indices, active, values) in _topology(run).items():
+        assert torch.equal(indices, before[name][0]) and torch.equal(active, before[name][1])
+        assert torch.equal(values, before[name][2])

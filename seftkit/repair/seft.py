@@ -271,11 +271,12 @@ class SeftMethod(RepairMethod):
         nnz_ok = True
         for layer in self.layers:
             module = layer.module
-            device = module.indices.device
-            empty = Candidates.at(torch.empty(0, dtype=torch.long, device=device))
-            fresh = layer.window == window
-            grow = layer.grow if fresh else empty
-            sensitivity = (layer.sensitivity if fresh else empty) if self.revive else None
+            if layer.window != window:
+                # no backward pass reached this layer in the window: without statistics a drop would only
+                # reset learned values, so its topology stays as it is (the initial choice keeps placeholders)
+                log.warning("SEFT: no gradients for %s before update %s; topology unchanged", layer.name, window)
+                continue
+            grow, sensitivity = layer.grow, layer.sensitivity
             indices = module.indices.long()
             step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow,
                                 self._grow_count(layer, window), sensitivity, module.weight)
