@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from conftest import save_tiny_model
 from seftkit.cli.main import cli
 from seftkit.exporters import compressed, csr, export_model
-from seftkit.exporters.common import REPORT_NAME, target_weights
+from seftkit.exporters import onnx as onnx_export
+from seftkit.exporters.common import REPORT_NAME, ExportReport, target_weights
 
+from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight, load_model, save_model, target_linears
 from seftkit.sparsity.masks import nm_mask, nm_valid, unstructured_mask
 
@@ -101,7 +103,7 @@ def test_csr_index_dtype_widens_past_int16():
 
 def test_load_matrix_refuses_a_dense_tensor(llama_24_dir, tmp_path):
     export_model(llama_24_dir, "csr", tmp_path / "csr")
-    with pytest.raises(Exception, match="model.embed_tokens.weight is not a sparse weight"):
+    with pytest.raises(SeftkitError, match="model.embed_tokens.weight is not a sparse weight"):
         csr.load_matrix(tmp_path / "csr", "model.embed_tokens.weight")
 
 
@@ -237,6 +239,7 @@ def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
 
     report = export_model(llama_24_dir, "onnx", tmp_path / "onnx")
     assert report.parity["max_abs_diff_1x7"] < 1e-4 and report.parity["max_abs_diff_3x19"] < 1e-4
+    assert report.parity["below_1e-4_abs"] and report.notes == []
     graph = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx.checker.check_model(graph, full_check=True)
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
@@ -250,6 +253,11 @@ def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(ort_logits(tmp_path / "onnx", ids, mask), expected, atol=1e-4, rtol=0)
+    # the parity check catches a graph that is not the model: nudge one weight in torch only
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
+    with pytest.raises(SeftkitError, match="onnxruntime logits differ from torch by"):
+        onnx_export.check_parity(model, tmp_path / "onnx", ExportReport("onnx", "onnx", "m", "o", "float32"))
 
 
 def test_onnx_sparse_initializers_gpt2(tmp_path):
