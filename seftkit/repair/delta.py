@@ -118,7 +118,8 @@ class SparseDeltaLinear(nn.Module):
     fp32 delta values at flat [out, in] positions ``indices``.
 
     ``indices`` (int32 where they fit) and ``active`` are buffers; ``values`` is the only parameter.
-    ``grad_hook`` is set by the owner (SEFT) only while it accumulates statistics for a topology update.
+    ``grad_hook`` is set by the owner (SEFT) only while it accumulates statistics for a topology update; the
+    forward pass captures it, so it must be set before the forward whose backward should report to it.
     """
 
     def __init__(self, base: nn.Module, indices: torch.Tensor, active: torch.Tensor | None = None) -> None:
