@@ -32,7 +32,11 @@ from seftkit.data import DEFAULT_TRAIN_TEXT
 def prune(model: str, method: str, sparsity: float | None, nm: str | None, calib: str, nsamples: int, seqlen: int,
           seed: int, batch_size: int, out: str | None, overwrite: bool, include: str | None, exclude: str | None,
           device: str, json_path: str | None) -> None:
-    """Prune MODEL (HF folder or built-in name) to --sparsity S or --nm N:M and save it as an HF folder."""
+    """Prune MODEL (HF folder or built-in name) to --sparsity S or --nm N:M and save it as an HF folder.
+
+    Runs as is under torchrun --nproc-per-node N: calibration windows are split across the processes.
+    """
+    from seftkit.distributed import world
     from seftkit.prune import prune_checkpoint
     from seftkit.sparsity.pattern import parse_pattern
     from seftkit.sparsity.targets import TargetRule
@@ -41,6 +45,8 @@ def prune(model: str, method: str, sparsity: float | None, nm: str | None, calib
     report = prune_checkpoint(model, method, pattern, out=out, calib=calib, nsamples=nsamples, seqlen=seqlen,
                               seed=seed, rule=TargetRule(include, exclude), device=device, overwrite=overwrite,
                               batch_size=batch_size)
+    if not world().is_main:  # under torchrun only rank 0 reports
+        return
     click.echo(f"pruned {report.model} with {report.method} to {report.pattern}: "
                f"{len(report.tensors)} tensors at {report.overall_sparsity:.2%} zeros")
     if report.calibration:

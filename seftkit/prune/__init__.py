@@ -4,6 +4,9 @@ Every method is one pruner function ``(weight [out, in], stats, pattern) -> keep
 that look at activations, the additive input statistic it needs; the shared layer-by-layer loop in
 :mod:`seftkit.prune.calibrate` feeds them. :func:`prune_model` prunes a loaded model in place;
 :func:`prune_checkpoint` is load -> prune -> save for the CLI.
+
+Under ``torchrun --nproc-per-node N`` the calibration windows are split across the ranks and their statistics
+summed (see :mod:`seftkit.prune.calibrate`); every rank prunes its replica identically (checked) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from seftkit.data import DEFAULT_TRAIN_TEXT
+from seftkit.distributed import barrier, check_same_across_ranks, init_distributed
 from seftkit.errors import SeftkitError
 from seftkit.models import (
     check_finite,
@@ -179,6 +183,7 @@ def prune_model(
                               batch_size=batch_size, progress=progress)
         peak_rss = max(peak_rss, rss)
 
+    check_same_across_ranks("the pruning masks", {name: linear_weight(m) == 0 for name, m in targets.items()})
     tensor_stats = [zero_stats(f"{name}.weight", (linear_weight(m) == 0).cpu().numpy(), pattern)
                     for name, m in targets.items()]
     summary = summarize(tensor_stats)
@@ -224,20 +229,24 @@ def prune_checkpoint(
     """Load -> prune -> save an HF folder (with ``prune_report.json``) atomically; bad input writes nothing."""
     from seftkit.data import load_texts
     from seftkit.io import atomic_dir, check_output_path, write_json
+    from seftkit.models import resolve_device
 
     out = Path(out) if out is not None else default_out(str(model_spec), method, pattern)
     check_output_path(out, overwrite, inputs=(model_spec,))
     texts = load_texts(calib) if get_method(method).statistic is not None else None
+    ranks, device = init_distributed(resolve_device(device))
     model, tokenizer = load_model(model_spec, device=device)
     report = prune_model(model, tokenizer, method, pattern, texts, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                         rule=rule, batch_size=batch_size, progress=progress)
+                         rule=rule, batch_size=batch_size, progress=progress and ranks.is_main)
     if report.calibration is not None:
         report.calibration["data"] = calib
     report.model = str(model_spec)
     report.out = str(out)
-    with atomic_dir(out, overwrite) as tmp:
-        save_model(model, tokenizer, tmp)
-        write_json(tmp / REPORT_NAME, report)
+    if ranks.is_main:
+        with atomic_dir(out, overwrite) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_json(tmp / REPORT_NAME, report)
+    barrier()  # every rank returns once the output exists
     return report
 
 

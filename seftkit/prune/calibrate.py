@@ -7,6 +7,10 @@ From then on only one block is live at a time: its target linears' inputs are su
 the linears are pruned, and the block is run again so that the next block sees the *pruned* outputs.
 Activations for all calibration samples are held once (in the model dtype, on the compute device or on the
 CPU), updated in place block by block, so memory does not grow with the number of layers.
+
+Under torch.distributed (see :mod:`seftkit.distributed`) each rank runs its own share of the calibration
+windows through the blocks and the additive statistics are summed over ranks before any mask is chosen, so every
+rank prunes exactly as one process would (up to float summation order) and identically to the others.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from seftkit.distributed import all_reduce_sum_, shard_rows, world
 from seftkit.errors import SeftkitError
-from seftkit.models import find_linears
+from seftkit.models import find_linears, linear_weight
 from seftkit.sparsity.targets import TargetRule
 
 Statistic = Callable[[torch.Tensor], torch.Tensor]
@@ -132,6 +137,7 @@ class InputStatistics:
 
     def __init__(self, linears: dict[str, nn.Module], statistic: Statistic) -> None:
         self.statistic = statistic
+        self.linears = linears
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._seen: set[str] = set()
@@ -169,6 +175,27 @@ class InputStatistics:
             self._seen.clear()  # some hooked linear sat this batch out (e.g. an unrouted expert)
             self._last = None
 
+    def all_reduce(self) -> None:
+        """Sum every rank's statistics and token counts (a no-op in one process).
+
+        A linear that saw no input on this rank contributes the statistic of an empty batch, so all ranks take
+        part in the same collectives in the same order.
+        """
+        if not world().distributed:
+            return
+        for name, module in self.linears.items():
+            if name not in self.sums:
+                weight = linear_weight(module)
+                self.sums[name] = self.statistic(weight.new_zeros((0, weight.shape[1])))
+                self.tokens[name] = 0
+            all_reduce_sum_(self.sums[name])
+        device = next(iter(self.sums.values())).device
+        counts = torch.tensor([self.tokens[name] for name in self.linears], dtype=torch.float64, device=device)
+        for name, count in zip(self.linears, all_reduce_sum_(counts).tolist(), strict=True):
+            self.tokens[name] = int(count)
+            if not count:
+                del self.sums[name]
+
     def mean(self, name: str) -> torch.Tensor:
         if name not in self.sums:
             raise SeftkitError(f"{name} received no calibration input; exclude it with --exclude")
@@ -203,8 +230,13 @@ def prune_blockwise(
 ) -> int:
     """Prune the target linears of every decoder block from statistics of their (already pruned) inputs.
 
-    Returns the peak resident memory in bytes sampled after each block (psutil RSS).
+    Returns the peak resident memory in bytes sampled after each block (psutil RSS). Distributed, each rank
+    takes its share of ``windows`` (the same full tensor on every rank).
     """
+    if windows.shape[0] < world().world_size:
+        raise SeftkitError(f"{windows.shape[0]} calibration windows cannot be shared by {world().world_size} "
+                           "processes; raise --nsamples")
+    windows = windows[shard_rows(windows.shape[0])]
     process = psutil.Process()
     inputs = capture_block_inputs(model, layers, windows, batch_size)
     peak_rss = process.memory_info().rss
@@ -215,6 +247,7 @@ def prune_blockwise(
             stats = InputStatistics(linears, statistic)
             try:
                 stats.collect(block, index, inputs)
+                stats.all_reduce()
             finally:
                 stats.remove()
             for name, module in linears.items():
