@@ -53,7 +53,11 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @handle_errors
 def repair(model: str, out: str | None, overwrite: bool, resume: bool, eval_tasks: str | None, json_path: str | None,
            **options) -> None:
-    """Repair a sparse MODEL (HF folder or built-in name) with SEFT or a baseline, keeping its sparsity."""
+    """Repair a sparse MODEL (HF folder or built-in name) with SEFT or a baseline, keeping its sparsity.
+
+    Runs as is under torchrun --nproc-per-node N (DDP; --batch-size is per process).
+    """
+    from seftkit.distributed import world
     from seftkit.eval.tasks import parse_task_names
     from seftkit.repair import repair_checkpoint
 
@@ -62,5 +66,7 @@ def repair(model: str, out: str | None, overwrite: bool, resume: bool, eval_task
     config = RepairConfig(eval_tasks=parse_task_names(eval_tasks) if eval_tasks else [], **options)
     out = out or f"{Path(model.rstrip('/')).name}-{config.method}"
     report = repair_checkpoint(model, config, out, overwrite=overwrite, resume=resume)
+    if not world().is_main:  # under torchrun only rank 0 reports
+        return
     click.echo("\n".join(report.summary_lines()))
     write_report(json_path, report)

@@ -3,6 +3,9 @@
 :func:`repair_model` repairs a loaded model in place with SEFT or a baseline (one training loop for all, see
 :mod:`seftkit.repair.trainer`); :func:`repair_checkpoint` is load -> repair -> save for the CLI, writing an
 ordinary HF folder with ``seft_report.json`` only when the whole run succeeded.
+
+Both run as they are under ``torchrun --nproc-per-node N`` (or ``accelerate launch``): see
+:mod:`seftkit.repair.trainer` for how the work is shared; only rank 0 writes checkpoints and the output.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def repair_checkpoint(
     """
     import shutil
 
+    from seftkit.distributed import barrier, init_distributed
     from seftkit.io import atomic_dir, check_output_path, write_json
     from seftkit.models import load_model, resolve_device, save_model
 
@@ -39,17 +43,20 @@ def repair_checkpoint(
     make_method(config)  # unknown method names fail before the model loads
     out_path = check_output_path(out, overwrite, inputs=(model_spec,))
     ckpt = checkpoint_dir_for(out_path) if config.checkpoint_every or resume else None
-    model, tokenizer = load_model(model_spec, device=resolve_device(config.device), dtype=config.dtype)
+    ranks, device = init_distributed(resolve_device(config.device))
+    model, tokenizer = load_model(model_spec, device=device, dtype=config.dtype)
     report = repair_model(model, tokenizer, config, checkpoint_dir=ckpt, resume=resume, progress=progress,
                           stop_after=stop_after)
     if report.sparsity_after is None:  # stopped early on purpose: the checkpoint is the result
         return report
     report.output = str(out_path)
-    with atomic_dir(out_path, overwrite) as tmp:
-        save_model(model, tokenizer, tmp)
-        write_json(tmp / REPORT_NAME, report)
-    if ckpt is not None:
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if ranks.is_main:
+        with atomic_dir(out_path, overwrite) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_json(tmp / REPORT_NAME, report)
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    barrier()  # every rank returns once the output exists
     return report
 
 

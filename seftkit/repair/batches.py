@@ -1,7 +1,9 @@
 """Training micro-batches for repair, in a fixed, seeded order.
 
 Micro-batch ``i`` is a pure function of (data, tokenizer, seed, ``i``): every method sees the same tokens in the
-same order, and resuming a run needs only the index of the next micro-batch, not a saved iterator.
+same order, and resuming a run needs only the index of the next micro-batch, not a saved iterator. A distributed
+run builds the same global micro-batches and each rank keeps its ``rows`` (padded to the global width), so every
+window is trained on exactly once per pass over the data, by one rank.
 
 Two kinds of data:
 - plain text (default ``olmo:lambada:train``): ``seqlen`` token windows drawn with the run seed, loss on
@@ -32,13 +34,15 @@ class Example:
 class TrainBatches:
     """Seeded micro-batches cycling over a list of examples (a fresh permutation per pass)."""
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_token_id: int, seed: int) -> None:
+    def __init__(self, examples: list[Example], batch_size: int, pad_token_id: int, seed: int,
+                 rows: slice | None = None) -> None:
         if not examples:
             raise SeftkitError("the training data produced no examples")
         self.examples = examples
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.seed = seed
+        self.rows = rows or slice(None)  # this rank's rows of every micro-batch
         self._orders: dict[int, list[int]] = {}
 
     def _example(self, position: int) -> Example:
@@ -49,7 +53,8 @@ class TrainBatches:
         return self.examples[self._orders[epoch][offset]]
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` and ``labels`` of micro-batch ``index``, right-padded."""
+        """``input_ids``, ``attention_mask`` and ``labels`` of micro-batch ``index`` (this rank's rows),
+        right-padded."""
         rows = [self._example(index * self.batch_size + j) for j in range(self.batch_size)]
         width = max(row.input_ids.numel() for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -60,7 +65,8 @@ class TrainBatches:
             input_ids[i, :n] = row.input_ids
             labels[i, :n] = row.labels
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {key: value[self.rows] for key, value in batch.items()}
 
 
 def is_task_data(spec: str) -> bool:
@@ -96,11 +102,12 @@ def task_examples(tokenizer: Any, task: str, seqlen: int) -> list[Example]:
 
 
 def build_batches(tokenizer: Any, spec: str, seqlen: int, batch_size: int, micro_batches: int,
-                  seed: int) -> TrainBatches:
-    """The micro-batch source for a run that consumes ``micro_batches`` micro-batches."""
+                  seed: int, rows: slice | None = None) -> TrainBatches:
+    """The micro-batch source for a run that consumes ``micro_batches`` micro-batches of ``batch_size`` (global)
+    rows, of which this process trains on ``rows`` (all by default)."""
     if is_task_data(spec):
         examples = task_examples(tokenizer, spec.split(":")[1], seqlen)
     else:
         examples = text_examples(tokenizer, spec, seqlen, micro_batches * batch_size, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TrainBatches(examples, batch_size, int(pad or 0), seed)
+    return TrainBatches(examples, batch_size, int(pad or 0), seed, rows)

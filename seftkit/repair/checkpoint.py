@@ -4,6 +4,8 @@ A checkpoint holds what an uninterrupted run would still have in memory after st
 values, the method's own state (SEFT's indices and masks), the optimizer, every RNG, the loss curve and events.
 The data position is the step itself (micro-batches are a pure function of their index, see ``batches``).
 The config is stored too, and a resume under a different config is refused rather than silently mixed.
+Distributed, rank 0 writes (every replica holds the same state) and every rank resumes from that one file, so
+``<out>.ckpt`` must be on a filesystem all ranks share.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from seftkit.distributed import barrier, world
 from seftkit.errors import SeftkitError
 from seftkit.io import atomic_dir
 from seftkit.repair.config import RepairConfig
@@ -61,7 +64,11 @@ def _comparable(config: RepairConfig) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, config: RepairConfig, method: RepairMethod, optimizer: torch.optim.Optimizer,
                     progress: Progress) -> None:
-    """Replace the checkpoint at ``path`` with the state after ``progress.step`` steps."""
+    """Replace the checkpoint at ``path`` with the state after ``progress.step`` steps (rank 0 writes, every
+    rank returns once it is in place)."""
+    if not world().is_main:
+        barrier()
+        return
     state = {
         "config": _comparable(config),
         "trainable": [p.detach().cpu() for p in method.trainable_parameters()],
@@ -72,6 +79,7 @@ def save_checkpoint(path: Path, config: RepairConfig, method: RepairMethod, opti
     }
     with atomic_dir(path, overwrite=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
+    barrier()
 
 
 def has_checkpoint(path: Path) -> bool:

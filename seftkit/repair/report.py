@@ -29,6 +29,8 @@ class RepairReport:
     trainable_params: int
     total_params: int
     device: str
+    processes: int = 1  # torch.distributed ranks that trained together
+    global_batch_size: int | None = None  # windows per optimizer step: batch_size x processes x grad_accum
     steps_done: int = 0
     resumed_from_step: int | None = None
     lr_schedule: str = "linear warmup, then linear decay to 0"
@@ -60,6 +62,10 @@ class RepairReport:
             f"sparsity {self.sparsity_before:.2%} -> {self.sparsity_after:.2%}" if self.sparsity_after is not None
             else f"sparsity {self.sparsity_before:.2%}",
         ]
+        if self.processes > 1:
+            lines.append(f"{self.processes} processes, global batch {self.global_batch_size} windows per step "
+                         f"({self.config.batch_size} per process x {self.processes} x {self.config.grad_accum} "
+                         "grad-accum)")
         for key, value in self.eval_after.items():
             before = self.eval_before.get(key)
             lines.append(f"{key}: {before:.4f} -> {value:.4f}" if before is not None else f"{key}: {value:.4f}")

@@ -9,6 +9,11 @@ count never changes. ``merge`` folds everything into plain modules with exactly 
 
 Confined mode (``seft-no-revive``, or any N:M target) grows only inside the active set, which then never
 changes, so an N:M pattern always holds.
+
+Distributed (torchrun), the transient dense gradient is averaged over ranks in the accumulation hook before any
+statistic is taken, so every rank selects candidates and evolves from the same global gradient: the decisions
+are identical by construction, and a hash of every layer's slots and active set is compared across ranks after
+each update (a mismatch stops the run).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seftkit.distributed import all_reduce_mean_, check_same_across_ranks
 from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight
 from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
@@ -236,6 +242,7 @@ class SeftMethod(RepairMethod):
     @torch.no_grad()
     def _accumulate(self, layer: _Layer, window: int, dense_grad: torch.Tensor, effective: torch.Tensor) -> None:
         """Backward hook: the first pass of a window fixes O(k) candidates, every pass adds to their scores."""
+        all_reduce_mean_(dense_grad)  # the global gradient (no-op in one process); backward has taken grad_d
         if layer.window != window:
             self._select_candidates(layer, window, dense_grad, effective)
         layer.grow.add(dense_grad)
@@ -289,6 +296,11 @@ class SeftMethod(RepairMethod):
             layer.window, layer.grow, layer.sensitivity = None, None, None
             counts.add(step)
             nnz_ok &= int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
+        topology = {}
+        for layer in self.layers:
+            topology[f"{layer.name} slots"] = layer.module.indices
+            topology[f"{layer.name} active set"] = layer.module.active
+        check_same_across_ranks(f"SEFT's topology after update {window}", topology)
         if window != INIT_WINDOW:
             self._totals.add(counts)
             self._boundaries += 1

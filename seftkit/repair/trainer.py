@@ -11,6 +11,13 @@ Choices, and why:
   the last checkpoint written is the last good state.
 - After ``merge`` every target layer must hold at most its input nnz (and a valid N:M pattern with ``--nm``);
   otherwise nothing is returned for saving.
+- Under torch.distributed (``torchrun``, see :mod:`seftkit.distributed`) the model is replicated with DDP
+  (FSDP is not supported): every global micro-batch is ``batch_size x world_size`` windows of which each rank
+  trains on its slice, so N processes with ``--batch-size B`` train like one with ``N*B`` (exactly so for text
+  windows; with task data each rank averages over its own answer tokens, as DDP does); DDP synchronises
+  gradients only on a step's last micro-batch; the loss curve is the mean over ranks. Methods attach to the inner
+  module, so their hooks and decisions are unaware of DDP (SEFT makes its topology decisions from gradients
+  averaged over ranks).
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from seftkit.distributed import World, all_reduce_mean_, shard_rows, world
 from seftkit.errors import DivergenceError, SeftkitError
 from seftkit.models import check_finite, linear_weight, target_linears
 from seftkit.repair.baselines import BASELINES
@@ -171,6 +181,28 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def replicate(model: nn.Module, ranks: World, device: torch.device) -> nn.Module:
+    """The module the training loop runs forward/backward through: DDP around ``model`` when distributed.
+
+    Buffers are not re-broadcast every forward (SEFT's masks are identical on every rank by construction, and
+    checked at each update); DDP's start-up broadcast of rank 0's weights still makes every replica equal.
+    """
+    if not ranks.distributed:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """DDP's ``no_sync`` unless ``sync``: gradients are all-reduced once per step, after its last micro-batch."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else nullcontext()
+
+
+def global_loss(loss: torch.Tensor) -> float:
+    """The loss averaged over ranks (every rank holds the same number of windows), for checks and the curve."""
+    return all_reduce_mean_(loss.detach().clone()).item()
+
+
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Causal LM loss (HF shifts labels and skips -100), under bf16 autocast on CUDA."""
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -196,6 +228,8 @@ def repair_model(
     """
     check_config(config)
     started = time.perf_counter()
+    ranks = world()
+    progress = progress and ranks.is_main
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,15 +243,21 @@ def repair_model(
     report = RepairReport(config=config, method=config.method, trainable_params=0,
                           total_params=sum(p.numel() for p in model.parameters()), device=str(device), layers=layers,
                           sparsity_before=overall_sparsity(layers, after=False))
-    report.eval_before = evaluate_model(model, tokenizer, config, progress)
+    report.processes = ranks.world_size
+    report.global_batch_size = config.batch_size * ranks.world_size * config.grad_accum
+    if ranks.is_main:  # the others would only repeat it; they wait for rank 0 at DDP's start-up broadcast
+        report.eval_before = evaluate_model(model, tokenizer, config, progress)
 
     torch.manual_seed(config.seed)
     method.attach(model, targets)
     params = method.trainable_parameters()
     report.trainable_params = method.trainable_count()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    batches = build_batches(tokenizer, config.data, config.seqlen, config.batch_size,
-                            max(config.steps * config.grad_accum, method.init_passes()), config.seed)
+    global_batch = config.batch_size * ranks.world_size
+    batches = build_batches(tokenizer, config.data, config.seqlen, global_batch,
+                            max(config.steps * config.grad_accum, method.init_passes()), config.seed,
+                            rows=shard_rows(global_batch))
+    replica = replicate(model, ranks, device)
     was_training = model.training
     model.train()
     if config.gradient_checkpointing:
@@ -231,8 +271,8 @@ def repair_model(
             if resume:
                 log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
             state = Progress()
-            run_init_passes(model, method, batches, device)
-        train_seconds = train(model, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
+            run_init_passes(replica, method, batches, device)
+        train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
                               stop_after, density=1.0 - report.sparsity_before)
     finally:
         if config.gradient_checkpointing:
@@ -250,7 +290,8 @@ def repair_model(
     check_output_sparsity(model, layers, config.nm)
     report.sparsity_after = overall_sparsity(layers, after=True)
     report.method_summary = method.summary()
-    report.eval_after = evaluate_model(model, tokenizer, config, progress)
+    if ranks.is_main:
+        report.eval_after = evaluate_model(model, tokenizer, config, progress)
     report.wall_time_s = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
@@ -258,22 +299,25 @@ def repair_model(
     return report
 
 
-def check_loss(loss: torch.Tensor, when: str, checkpoint_dir: Path | None) -> None:
-    """Stop on a NaN/inf loss before its backward and optimizer step can spread it into the weights."""
-    if not torch.isfinite(loss):
+def check_loss(loss: float, when: str, checkpoint_dir: Path | None) -> None:
+    """Stop on a NaN/inf loss before its backward and optimizer step can spread it into the weights (given the
+    loss averaged over ranks, every rank stops together)."""
+    if not math.isfinite(loss):
         kept = (f"the last good checkpoint is kept in {checkpoint_dir}"
                 if checkpoint_dir is not None and has_checkpoint(checkpoint_dir) else "no checkpoint")
-        raise DivergenceError(f"loss became {loss.item()} {when}; try a lower --lr ({kept})")
+        raise DivergenceError(f"loss became {loss} {when}; try a lower --lr ({kept})")
 
 
 def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatches, device: torch.device) -> None:
-    """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step."""
+    """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step (nor
+    DDP gradient sync: the gradients are discarded)."""
     passes = method.init_passes()
     for index in range(passes):
         method.before_backward(0)
-        loss = micro_batch_loss(model, batches.micro_batch(index), device)
-        check_loss(loss, "before the first step", None)
-        (loss / passes).backward()
+        with gradient_sync(model, sync=False):
+            loss = micro_batch_loss(model, batches.micro_batch(index), device)
+            check_loss(global_loss(loss), "before the first step", None)
+            (loss / passes).backward()
     if passes:
         method.finish_init()
         model.zero_grad(set_to_none=True)
@@ -301,10 +345,12 @@ def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimiz
             total = 0.0
             for micro in range(config.grad_accum):
                 method.before_backward(step)  # before the forward: autograd functions capture hooks there
-                loss = micro_batch_loss(model, batches.micro_batch(step * config.grad_accum + micro), device)
-                check_loss(loss, f"at step {step}", checkpoint_dir)
-                (loss / config.grad_accum).backward()
-                total += loss.item() / config.grad_accum
+                with gradient_sync(model, sync=micro == config.grad_accum - 1):
+                    loss = micro_batch_loss(model, batches.micro_batch(step * config.grad_accum + micro), device)
+                    value = global_loss(loss)
+                    check_loss(value, f"at step {step}", checkpoint_dir)
+                    (loss / config.grad_accum).backward()
+                total += value / config.grad_accum
             optimizer.step()
             event = method.after_optimizer_step(step, optimizer)
             optimizer.zero_grad(set_to_none=True)
