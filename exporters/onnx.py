@@ -131,7 +131,8 @@ def check_parity(model: PreTrainedModel, folder: Path, report: ExportReport) -> 
 
     The bar is 1e-4 absolute for logits up to 1 in size, scaled by the largest logit above that: fp32 rounding
     grows with the logits, and on SmolLM2-135M (logits up to ~30) torch's own fp32 forward is 0.7-1.5e-4 away
-    from its fp64 forward, so an absolute 1e-4 would reject a correct graph. A wrong graph misses by far more.
+    from its fp64 forward, so an absolute 1e-4 would reject a correct graph. (At 70% sparsity one padded-batch row
+    reached 3e-3 against torch with logits up to 40; torch fp32 itself was 2.6e-4 from fp64 on that row.)
     """
     import onnxruntime as ort
     import torch
@@ -157,8 +158,8 @@ def check_parity(model: PreTrainedModel, folder: Path, report: ExportReport) -> 
         raise SeftkitError(f"onnxruntime logits differ from torch by {worst:.3g} (> {tolerance:.3g}); "
                            "the graph was not kept")
     if worst >= PARITY_TOLERANCE:
-        report.notes.append(f"onnxruntime vs torch max abs diff {worst:.2g} is above 1e-4 but within 1e-4 of the "
-                            f"logit scale ({scale:.1f}): fp32 rounding, not a graph difference")
+        report.notes.append(f"onnxruntime vs torch max abs diff {worst:.2g} is above 1e-4 absolute but within 1e-4 "
+                            f"of the logit scale ({scale:.1f})")
 
 
 def _max_diff(got: np.ndarray, expected: np.ndarray, real: np.ndarray) -> float:
