@@ -45,6 +45,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise SeftkitError(f"cannot create output folder {out_path.parent}: {exc.strerror}") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a finished model folder gets the usual mode
         yield tmp
         replace_dir(tmp, out_path)
     except BaseException:
@@ -66,6 +67,12 @@ def replace_dir(src: Path, dest: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(obj: Any) -> Any:
@@ -90,6 +97,7 @@ def write_json(path: str | os.PathLike, report: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets the usual mode
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(report), f, indent=2, sort_keys=False)
             f.write("\n")

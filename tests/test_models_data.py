@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -294,3 +295,15 @@ def test_token_windows(tiny_text_file):
         data.token_windows(tokenizer, texts, seqlen=100_000)
     with pytest.raises(SeftkitError, match="seqlen must be at least 2"):
         data.token_windows(tokenizer, texts, seqlen=1)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f.txt").write_text("x")
+        report = write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert report.stat().st_mode & 0o777 == 0o644
