@@ -3,6 +3,11 @@
 seftkit never spawns processes itself: the launcher starts one process per device and sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_distributed` joins them into a process group (gloo on CPU, nccl on
 CUDA). Without those variables everything here is a no-op, so single-process code paths stay bit-identical.
+Library users call :func:`init_distributed` themselves before ``prune_model`` / ``repair_model``; the
+``*_checkpoint`` functions (and so the CLI) do it.
+
+Models are replicated on every rank (DDP for training). FSDP is not supported yet, and an ``accelerate launch``
+configured for it is refused rather than silently run as DDP.
 
 Besides the default group (which DDP's gradient buckets use), a second group of the same ranks carries seftkit's
 own collectives (SEFT's dense gradients in backward, loss values, consistency checks), so they never interleave
@@ -61,6 +66,9 @@ def init_distributed(device: str) -> tuple[World, str]:
     global _WORLD
     if launched_world_size() <= 1:
         return _WORLD, device
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise SeftkitError("FSDP is not supported: seftkit replicates the model on every process (DDP); "
+                           "launch without FSDP (e.g. accelerate config with distributed_type MULTI_GPU)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
