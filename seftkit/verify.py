@@ -9,6 +9,7 @@ everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -232,8 +233,16 @@ def verify_model(
     )
 
 
+class _NoBar:
+    def update(self, _: int) -> None:
+        pass
+
+
 def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:  # the light CI install (click + numpy) has no progress bar
+        return contextlib.nullcontext(_NoBar())
 
     # disable=None hides the bar when stderr is not a terminal (CI logs stay clean).
     return tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None if enabled else True,

@@ -288,6 +288,19 @@ def test_cli_never_imports_torch(llama_dir, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["thresholds"]["nm"] == "2:4"
 
 
+def test_cli_runs_on_the_light_install(llama_dir):
+    """click + numpy only: torch, transformers, safetensors and tqdm cannot be imported."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'safetensors', 'tqdm'):\n    sys.modules[name] = None\n"
+        "from seftkit.cli.main import cli\n"
+        f"cli(['verify', {str(llama_dir)!r}, '--sparsity', '0.5'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr  # a dense model is below 50%: exit 1, not an ImportError
+    assert "FAIL" in result.stdout or "below" in result.stdout
+
+
 @pytest.mark.slow
 def test_default_model():
     report = verify_model("smollm2-135m")
