@@ -107,6 +107,16 @@ def save_side_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase |
     return {p.name for p in folder.iterdir()}
 
 
+def model_from_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """The folder's HF model holding exactly ``tensors`` (in their dtype when they share one, else fp32)."""
+    import torch
+
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    model = empty_model(folder, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    load_into(model, tensors)
+    return model
+
+
 def empty_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     """The model class of ``folder``'s config with uninitialised weights (they are all overwritten next)."""
     from transformers import AutoConfig, AutoModelForCausalLM

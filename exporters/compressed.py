@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seftkit.exporters.common import ExportReport, empty_model, load_into, target_weights, unique_state_dict
+from seftkit.exporters.common import ExportReport, model_from_tensors, target_weights, unique_state_dict
 
 from seftkit.errors import SeftkitError
 from seftkit.sparsity.masks import nm_valid
@@ -155,13 +155,7 @@ def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def load_model(folder: str | Path) -> PreTrainedModel:
     """The HF model of a compressed-tensors export with the decompressed weights (tied weights re-tied)."""
-    import torch
-
-    tensors = load_state_dict(folder)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    model = empty_model(Path(folder), dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    load_into(model, tensors)
-    return model
+    return model_from_tensors(Path(folder), load_state_dict(folder))
 
 
 def verify(model: PreTrainedModel, folder: Path, report: ExportReport) -> None:

@@ -260,6 +260,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def cap_seqlen(model: PreTrainedModel, seqlen: int) -> int:
+    """``seqlen``, or the model's maximum positions when it is shorter (logged, not an error)."""
+    limit = max_positions(model)
+    if limit is not None and seqlen > limit:
+        log.info("seqlen %d exceeds the model's %d positions; using %d", seqlen, limit, limit)
+        return limit
+    return seqlen
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     """How many token positions the model can attend over (``None`` when its config does not say)."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

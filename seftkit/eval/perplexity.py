@@ -8,19 +8,17 @@ seqlen, window and token counts because perplexities at different seqlens are no
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from seftkit.data import token_windows
 from seftkit.errors import SeftkitError
-from seftkit.models import max_positions
+from seftkit.models import cap_seqlen
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,10 +48,7 @@ def perplexity(
 
     if batch_size < 1:
         raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
-    limit = max_positions(model)
-    if limit is not None and seqlen > limit:
-        log.info("seqlen %d exceeds the model's %d positions; using %d", seqlen, limit, limit)
-        seqlen = limit
+    seqlen = cap_seqlen(model, seqlen)
     windows = token_windows(tokenizer, texts, seqlen, nsamples=max_windows, random=False)
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64)

@@ -27,11 +27,11 @@ from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.distributed import barrier, check_same_across_ranks, init_distributed
 from seftkit.errors import SeftkitError
 from seftkit.models import (
+    cap_seqlen,
     check_finite,
     find_decoder_layers,
     linear_weight,
     load_model,
-    max_positions,
     save_model,
     target_linears,
 )
@@ -101,11 +101,7 @@ def calibration_windows(
 
     if nsamples < 1:
         raise SeftkitError(f"nsamples must be at least 1, got {nsamples}")
-    limit = max_positions(model)
-    if limit is not None and seqlen > limit:
-        log.info("seqlen %d exceeds the model's %d positions; using %d", seqlen, limit, limit)
-        seqlen = limit
-    return token_windows(tokenizer, texts, seqlen, nsamples, seed)
+    return token_windows(tokenizer, texts, cap_seqlen(model, seqlen), nsamples, seed)
 
 
 def get_method(name: str) -> PruneMethod:
