@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-
 @dataclass
 class PerplexityResult:
     """``nll`` is the mean negative log-likelihood (nats) per predicted token; ``tokens`` counts those
