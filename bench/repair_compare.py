@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--lora-rank-equivalent", type=int, default=8)
     parser.add_argument("--update-interval", type=int, default=10)
     parser.add_argument("--accumulation-steps", type=int, default=3)
+    parser.add_argument("--init", default="grad", help="SEFT's initial slot choice (grad, grad-active, random)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,7 +178,7 @@ def main() -> None:
                                   seqlen=args.seqlen, lr=lr, seed=args.seed,
                                   lora_rank_equivalent=args.lora_rank_equivalent,
                                   update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
-                                  device="cpu")
+                                  init=args.init, device="cpu")
             run = {"lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             print(f"{method} lr {lr:g}: " + (run["error"] if "error" in run else

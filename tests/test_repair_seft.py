@@ -171,6 +171,18 @@ def test_no_revive_stays_inside_the_pruned_mask():
     assert run.method.summary()["revived_weights"] == 0
 
 
+def test_grad_active_init_picks_inside_the_active_set_then_revives_at_boundaries():
+    run = _start(_config(init="grad-active"))
+    init = run.method.init_event
+    assert init["grown"] == sum(layer.k for layer in run.method.layers) and init["revived"] == 0
+    for layer in run.method.layers:
+        assert torch.equal(layer.module.active, run.masks[layer.name])  # nothing revived or removed yet
+        assert bool(run.masks[layer.name].view(-1)[layer.module.indices.long()].all())
+    run = _train(run, STEPS)
+    _check_invariants(run)
+    assert sum(event["revived"] for event in run.events) > 0  # later updates still bring pruned weights back
+
+
 def test_same_seed_gives_bit_identical_topology(revive_run):
     again = _train(_start(_config()), STEPS)
     for name, (indices, active, values) in _topology(again).items():

@@ -31,7 +31,8 @@ class RepairConfig:
     accumulation_steps: int = 5
     drop_rate: float = 0.2
     drop_schedule: str = "cosine"
-    init: str = "grad"  # "grad": largest accumulated |dW| before the first step; "random"
+    init: str = "grad"  # "grad": largest accumulated |dW| before the first step (anywhere, then adapt);
+    # "grad-active": the same inside the active set (no revival before training); "random"
     revive: bool = True  # False for seft-no-revive: growth confined to the active set
     # target sparsity pattern: None keeps each layer's current nnz; nm keeps N:M
     nm: str | None = None

@@ -53,7 +53,8 @@ from seftkit.sparsity.pattern import parse_nm
 log = logging.getLogger(__name__)
 
 INIT_WINDOW = -1  # the accumulation window of the initial slot choice, before step 0
-INIT_MODES = ("grad", "random")
+INIT_MODES = ("grad", "grad-active", "random")
+GRADIENT_INITS = ("grad", "grad-active")
 
 
 def delta_budget(config: RepairConfig, out_features: int, in_features: int) -> int:
@@ -171,7 +172,7 @@ class SeftMethod(RepairMethod):
             replace_module(model, name, wrapped)
             cleared = torch.empty(0, dtype=torch.long, device=weight.device)
             self.layers.append(_Layer(name, wrapped, k, target_nnz, cleared))
-        if self.config.init == "grad":
+        if self.config.init in GRADIENT_INITS:
             self._init_pending = True
             self._set_window(INIT_WINDOW)
 
@@ -179,7 +180,7 @@ class SeftMethod(RepairMethod):
         return [layer.module.values for layer in self.layers]
 
     def init_passes(self) -> int:
-        return self.config.accumulation_steps if self.config.init == "grad" else 0
+        return self.config.accumulation_steps if self.config.init in GRADIENT_INITS else 0
 
     def finish_init(self) -> None:
         """Pick the initial slots: the k largest accumulated |dW| (then adapt when reviving)."""
@@ -232,6 +233,11 @@ class SeftMethod(RepairMethod):
         """p(t) after ``boundary + 1`` of ``steps`` optimizer steps."""
         return drop_fraction(boundary + 1, self.config.steps, self.config.drop_rate, self.config.drop_schedule)
 
+    def _revives_at(self, window: int) -> bool:
+        """Growth may leave the active set at this update (``--init grad-active`` keeps the initial choice
+        inside it, so pruned weights come back only through later, drop-rate-bounded updates)."""
+        return self.revive and not (window == INIT_WINDOW and self.config.init == "grad-active")
+
     def _grow_count(self, layer: _Layer, window: int) -> int:
         """Slots replaced at the update ``window`` (all of them for the initial choice)."""
         return layer.k if window == INIT_WINDOW else math.floor(self._drop_fraction(window) * layer.k)
@@ -261,7 +267,7 @@ class SeftMethod(RepairMethod):
             eligible.view(-1)[layer.module.indices.long()] = False
         magnitude = dense_grad.abs()
         inside = top_positions(magnitude, candidate_count(n, layer.target_nnz), eligible & active)
-        if self.revive:
+        if self._revives_at(window):
             # anywhere for growth, plus the best inside the active set to refill slots that adapt displaces
             anywhere = top_positions(magnitude, candidate_count(n, eligible.numel()), eligible)
             layer.grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
