@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--lora-rank-equivalent", type=int, default=8)
     parser.add_argument("--update-interval", type=int, default=10)
     parser.add_argument("--accumulation-steps", type=int, default=3)
-    parser.add_argument("--init", default="grad", help="SEFT's initial slot choice (grad, grad-active, random)")
+    parser.add_argument("--init", default="grad-active", help="SEFT's initial slot choice (grad, grad-active, random)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
     parser.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,7 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
               help="SEFT: backward passes that accumulate growth candidates before each evolution.")
 @click.option("--drop-rate", type=float, default=0.2, show_default=True, help="SEFT: initial drop fraction p0.")
 @click.option("--drop-schedule", type=click.Choice(DROP_SCHEDULES), default="cosine", show_default=True)
-@click.option("--init", "init", type=click.Choice(("grad", "grad-active", "random")), default="grad",
+@click.option("--init", "init", type=click.Choice(("grad-active", "grad", "random")), default="grad-active",
               show_default=True, help="SEFT: initial slots from accumulated gradients (anywhere, or only inside "
               "the active set), or at random.")
 @click.option("--nm", help="Keep an N:M pattern (the input must already have it), e.g. 2:4.")

@@ -16,7 +16,7 @@ echo "== 2/4 verify the pruned model"
 $SEFTKIT verify "$RUN/pruned" --sparsity 0.7 --json "$RUN/verify-pruned.json"
 
 echo "== 3/4 repair with SEFT (sparsity kept, pruned weights may come back where they matter)"
-$SEFTKIT repair "$RUN/pruned" --method seft --steps 60 --batch-size 4 --seqlen 256 \
+$SEFTKIT repair "$RUN/pruned" --method seft --steps 40 --batch-size 4 --seqlen 128 --lr 1e-3 \
     --eval-ppl olmo:lambada:heldout --out "$RUN/repaired" --overwrite --json "$RUN/repair.json"
 
 echo "== 4/4 verify the repaired model"

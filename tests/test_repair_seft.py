@@ -22,7 +22,7 @@ STEPS = 12  # boundaries after steps 3 and 7 (none after the last step, 11)
 
 def _config(**overrides) -> RepairConfig:
     base = dict(steps=STEPS, update_interval=4, accumulation_steps=2, drop_rate=0.5, drop_schedule="constant",
-                lora_rank_equivalent=2, lr=1e-2, seed=0)
+                lora_rank_equivalent=2, lr=1e-2, seed=0, init="grad")
     return RepairConfig(**{**base, **overrides})
 
 

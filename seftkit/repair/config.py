@@ -31,8 +31,11 @@ class RepairConfig:
     accumulation_steps: int = 5
     drop_rate: float = 0.2
     drop_schedule: str = "cosine"
-    init: str = "grad"  # "grad": largest accumulated |dW| before the first step (anywhere, then adapt);
-    # "grad-active": the same inside the active set (no revival before training); "random"
+    # Initial slots: "grad-active" the largest accumulated |dW| inside the active set (pruned weights come back
+    # only through the drop-rate-bounded updates); "grad" the same anywhere, then adapt (the spec's literal
+    # reading: it swaps about half the slots onto pruned positions at once and measured worse, see README);
+    # "random" seeded random positions inside the active set.
+    init: str = "grad-active"
     revive: bool = True  # False for seft-no-revive: growth confined to the active set
     # target sparsity pattern: None keeps each layer's current nnz; nm keeps N:M
     nm: str | None = None
