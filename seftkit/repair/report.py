@@ -70,6 +70,8 @@ class RepairReport:
             before = self.eval_before.get(key)
             lines.append(f"{key}: {before:.4f} -> {value:.4f}" if before is not None else f"{key}: {value:.4f}")
         for key, value in self.method_summary.items():
+            if key == "layers":  # per-layer detail belongs in the JSON report
+                continue
             lines.append(f"{key}: {value}")
         lines.append(
             f"time {self.wall_time_s:.1f} s ({self.step_time_s * 1000:.0f} ms/step), peak RSS {self.peak_rss_mb:.0f} MB"
