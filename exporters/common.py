@@ -6,6 +6,8 @@ that format is meant for, and fills an :class:`ExportReport` with the sizes and 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,6 +107,21 @@ def save_side_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase |
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return {p.name for p in folder.iterdir()}
+
+
+def reload_mismatches(
+    model: PreTrainedModel, folder: Path, loader: Callable[[Path], PreTrainedModel], report: ExportReport
+) -> tuple[list[str], int]:
+    """Load the export back with ``loader`` (timed into ``report``); the names of tensors that differ from the
+    model's, and how many were compared."""
+    import torch
+
+    start = time.perf_counter()
+    loaded = loader(folder)
+    report.load_seconds = time.perf_counter() - start
+    expected, _ = unique_state_dict(model)
+    got = loaded.state_dict()
+    return [name for name, tensor in expected.items() if not torch.equal(tensor, got[name])], len(expected)
 
 
 def model_from_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> PreTrainedModel:

@@ -18,11 +18,16 @@ listing the compressed modules by name.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seftkit.exporters.common import ExportReport, model_from_tensors, target_weights, unique_state_dict
+from seftkit.exporters.common import (
+    ExportReport,
+    model_from_tensors,
+    reload_mismatches,
+    target_weights,
+    unique_state_dict,
+)
 
 from seftkit.errors import SeftkitError
 from seftkit.sparsity.masks import nm_valid
@@ -160,14 +165,7 @@ def load_model(folder: str | Path) -> PreTrainedModel:
 
 def verify(model: PreTrainedModel, folder: Path, report: ExportReport) -> None:
     """Decompress the checkpoint and load it; every tensor must equal the model's."""
-    import torch
-
-    start = time.perf_counter()
-    loaded = load_model(folder)
-    report.load_seconds = time.perf_counter() - start
-    expected, _ = unique_state_dict(model)
-    got = loaded.state_dict()
-    mismatched = [name for name, tensor in expected.items() if not torch.equal(tensor, got[name])]
+    mismatched, compared = reload_mismatches(model, folder, load_model, report)
     if mismatched:
         raise RuntimeError(f"compressed-tensors export does not decompress exactly: {mismatched[:3]}")
-    report.parity.update({"tensors_equal": len(expected), "max_abs_diff": 0.0})
+    report.parity.update({"tensors_equal": compared, "max_abs_diff": 0.0})

@@ -13,11 +13,16 @@ is stored dense.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seftkit.exporters.common import ExportReport, model_from_tensors, target_weights, unique_state_dict
+from seftkit.exporters.common import (
+    ExportReport,
+    model_from_tensors,
+    reload_mismatches,
+    target_weights,
+    unique_state_dict,
+)
 
 from seftkit.errors import SeftkitError
 from seftkit.io import write_json
@@ -195,12 +200,7 @@ def verify(model: PreTrainedModel, folder: Path, rule: TargetRule | None, report
     import numpy as np
     import torch
 
-    start = time.perf_counter()
-    loaded = load_model(folder)
-    report.load_seconds = time.perf_counter() - start
-    expected, _ = unique_state_dict(model)
-    got = loaded.state_dict()
-    mismatched = [name for name, tensor in expected.items() if not torch.equal(tensor, got[name])]
+    mismatched, compared = reload_mismatches(model, folder, load_model, report)
     scipy_bad = []
     targets = target_weights(model, rule)
     for name, target in targets.items():
@@ -210,7 +210,7 @@ def verify(model: PreTrainedModel, folder: Path, rule: TargetRule | None, report
             scipy_bad.append(name)
     if mismatched or scipy_bad:
         raise RuntimeError(f"CSR export does not read back exactly: {(mismatched + scipy_bad)[:3]}")
-    report.parity.update({"tensors_equal": len(expected), "scipy_matrices_equal": len(targets),
+    report.parity.update({"tensors_equal": compared, "scipy_matrices_equal": len(targets),
                           "max_abs_diff": 0.0})
 
 
