@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-from seftkit.cli.common import handle_errors, json_option, write_report
 
+from seftkit.cli.common import handle_errors, json_option, write_report
 from seftkit.errors import SeftkitError
 from seftkit.sparsity.pattern import parse_pattern
 
@@ -58,9 +58,9 @@ def bench(model: str | None, sparsity: float | None, nm: str | None, batch: str,
     chosen = tuple(name.strip() for name in backends.split(",") if name.strip())
 
     import torch
+
     from seftkit.bench.decode import bench_decode, distinct_linear_weights, format_decode, load_pruned
     from seftkit.bench.layers import LLAMA7B_BLOCK, SMOLLM2_BLOCK, bench_layers, format_layers
-
     from seftkit.models import resolve_dtype
 
     torch.set_num_threads(threads)

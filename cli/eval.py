@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 
+from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 from seftkit.data import DEFAULT_HELDOUT_TEXT
 from seftkit.eval.tasks import DEFAULT_TASKS, TASKS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from seftkit.cli.common import handle_errors, json_option, write_report
 
 
@@ -27,7 +28,6 @@ def export(model: str, fmt: str, out: str, dtype: str, opset: int | None, sparse
            nm_layout: bool, include: str | None, exclude: str | None, overwrite: bool, json_path: str | None) -> None:
     """Export MODEL (HF folder or built-in name) to --out in a sparse format other tools read."""
     from seftkit.exporters import export_model
-
     from seftkit.sparsity.targets import TargetRule
 
     report = export_model(model, fmt, out, dtype=dtype, opset=opset, sparse_initializers=sparse_initializers,

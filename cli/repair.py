@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 
+from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 
 import click
-from seftkit.cli.common import handle_errors, json_option, write_report
 
+from seftkit.cli.common import handle_errors, json_option, write_report
 from seftkit.sparsity.pattern import parse_pattern
 from seftkit.sparsity.targets import TargetRule
 from seftkit.verify import DEFAULT_TOL, VerifyReport, verify_model

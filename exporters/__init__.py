@@ -16,7 +16,6 @@ from seftkit.errors import SeftkitError
 
 if TYPE_CHECKING:
     from seftkit.exporters.common import ExportReport
-
     from seftkit.sparsity.targets import TargetRule
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,9 @@ def export_model(
     progress: bool = False,
 ) -> ExportReport:
     """Export ``model`` as ``fmt`` into ``out`` (atomically), proven by reading it back; returns the report."""
-    from seftkit.exporters import common
     from tqdm import tqdm
 
+    from seftkit.exporters import common
     from seftkit.io import atomic_dir, check_output_path, write_json
     from seftkit.models import check_finite, load_model, resolve_model_path
 

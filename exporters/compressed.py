@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from seftkit.errors import SeftkitError
 from seftkit.exporters.common import (
     ExportReport,
     model_from_tensors,
@@ -28,8 +29,6 @@ from seftkit.exporters.common import (
     target_weights,
     unique_state_dict,
 )
-
-from seftkit.errors import SeftkitError
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.targets import TargetRule
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from seftkit.errors import SeftkitError
 from seftkit.exporters.common import (
     ExportReport,
     model_from_tensors,
@@ -23,8 +24,6 @@ from seftkit.exporters.common import (
     target_weights,
     unique_state_dict,
 )
-
-from seftkit.errors import SeftkitError
 from seftkit.io import write_json
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.targets import TargetRule

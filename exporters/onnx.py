@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from seftkit.exporters.common import ExportReport
 
 from seftkit.errors import SeftkitError
+from seftkit.exporters.common import ExportReport
 
 if TYPE_CHECKING:
     import onnx

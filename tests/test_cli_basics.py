@@ -10,10 +10,10 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
-from seftkit.cli.common import handle_errors, json_option, write_report
-from seftkit.cli.main import COMMANDS, cli
 
 from seftkit import __version__
+from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.main import COMMANDS, cli
 from seftkit.errors import SeftkitError
 
 AVAILABLE = [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tiny_model
-from seftkit.cli.main import cli
 
+from seftkit.cli.main import cli
 from seftkit.data import OLMO_TASK_DIRS, load_records, token_windows
 from seftkit.errors import SeftkitError
 from seftkit.eval import evaluate, loglikelihoods, perplexity, score_multiple_choice

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import save_tiny_model
+
 from seftkit.cli.main import cli
+from seftkit.errors import SeftkitError
 from seftkit.exporters import compressed, csr, export_model
 from seftkit.exporters import onnx as onnx_export
 from seftkit.exporters.common import REPORT_NAME, ExportReport, target_weights
-
-from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight, load_model, save_model, target_linears
 from seftkit.sparsity.masks import nm_mask, nm_valid, unstructured_mask
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
-from seftkit.bench.layers import bench_layers, format_layers
 
+from seftkit.bench.layers import bench_layers, format_layers
 from seftkit.errors import SeftkitError
 from seftkit.kernels import Isa, SparseLinear, build, cuda24, kernel_isa, native, pack_bitmap, pack_nm, sparsify_model
 from seftkit.kernels.formats import VALUE_PAD
@@ -267,6 +267,7 @@ def test_cuda24_linear_matches_dense():
 
 def run_bench(*args):
     from click.testing import CliRunner
+
     from seftkit.cli.main import cli
 
     return CliRunner().invoke(cli, ["bench", *map(str, args)])

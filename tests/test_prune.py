@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILIES, make_tiny_model, save_tiny_model
-from seftkit.cli.main import cli
 
+from seftkit.cli.main import cli
 from seftkit.data import load_texts
 from seftkit.errors import SeftkitError
 from seftkit.models import find_decoder_layers, linear_weight, target_linears

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from seftkit.cli.main import cli
 
+from seftkit.cli.main import cli
 from seftkit.models import linear_weight, target_linears
 from seftkit.prune import prune_checkpoint
 from seftkit.repair import REPORT_NAME, RepairConfig, checkpoint_dir_for, repair_checkpoint

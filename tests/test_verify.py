@@ -15,9 +15,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from seftkit.cli.main import cli
 
 import seftkit
+from seftkit.cli.main import cli
 from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight, load_model, save_model, target_linears
 from seftkit.sparsity import scanner
