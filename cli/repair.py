@@ -45,6 +45,9 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.option("--dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True,
               help="Dtype of the frozen weights (training math is bf16 autocast on CUDA).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--strategy", type=click.Choice(("ddp", "fsdp")),
+              help="Under torchrun/accelerate: replicate the model (ddp) or shard its frozen weights over the "
+              "processes (fsdp: seft, seft-no-revive, masked-lora) [default: ddp, fsdp under accelerate's FSDP].")
 @click.option("--checkpoint-every", type=int, help="Write a resumable checkpoint to <out>.ckpt every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from <out>.ckpt after an interruption.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -56,7 +59,8 @@ def repair(model: str, out: str | None, overwrite: bool, resume: bool, eval_task
            **options) -> None:
     """Repair a sparse MODEL (HF folder or built-in name) with SEFT or a baseline, keeping its sparsity.
 
-    Runs as is under torchrun --nproc-per-node N (DDP; --batch-size is per process).
+    Runs as is under torchrun --nproc-per-node N (DDP, or FSDP with --strategy fsdp; --batch-size is per
+    process).
     """
     from seftkit.distributed import world
     from seftkit.eval.tasks import parse_task_names

@@ -6,8 +6,9 @@ CUDA). Without those variables everything here is a no-op, so single-process cod
 Library users call :func:`init_distributed` themselves before ``prune_model`` / ``repair_model``; the
 ``*_checkpoint`` functions (and so the CLI) do it.
 
-Models are replicated on every rank (DDP for training). FSDP is not supported yet, and an ``accelerate launch``
-configured for it is refused rather than silently run as DDP.
+``seftkit prune`` replicates the model on every rank. ``seftkit repair`` replicates it with DDP, or shards it
+with FSDP2 under ``--strategy fsdp`` or an ``accelerate launch`` configured for FSDP (see
+:mod:`seftkit.repair.sharding`).
 
 Besides the default group (which DDP's gradient buckets use), a second group of the same ranks carries seftkit's
 own collectives (SEFT's dense gradients in backward, loss values, consistency checks), so they never interleave
@@ -35,6 +36,7 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     group: Any = None  # seftkit's own process group (None when not distributed)
+    device: str = "cpu"  # this rank's device (cuda:LOCAL_RANK on CUDA)
 
     @property
     def is_main(self) -> bool:
@@ -66,9 +68,6 @@ def init_distributed(device: str) -> tuple[World, str]:
     global _WORLD
     if launched_world_size() <= 1:
         return _WORLD, device
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise SeftkitError("FSDP is not supported: seftkit replicates the model on every process (DDP); "
-                           "launch without FSDP (e.g. accelerate config with distributed_type MULTI_GPU)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -77,7 +76,7 @@ def init_distributed(device: str) -> tuple[World, str]:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if _WORLD.group is None:
         _WORLD = World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       group=dist.new_group(backend="nccl" if device.startswith("cuda") else "gloo"))
+                       group=dist.new_group(backend="nccl" if device.startswith("cuda") else "gloo"), device=device)
     return _WORLD, device
 
 

@@ -242,10 +242,12 @@ def check_finite(model: nn.Module) -> None:
             raise SeftkitError(f"weight {name} contains NaN or inf values; the model is corrupt")
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path) -> None:
-    """Write an ordinary HF folder (safetensors) that plain ``AutoModelForCausalLM`` loads."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an ordinary HF folder (safetensors) that plain ``AutoModelForCausalLM`` loads; ``state_dict``
+    replaces the model's own weights (a sharded model's weights gathered onto one rank)."""
     _quiet_transformers()
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 

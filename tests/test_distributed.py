@@ -156,13 +156,6 @@ def test_check_same_across_ranks_is_a_no_op_in_one_process():
     check_same_across_ranks("anything", {"x": torch.arange(3)})
 
 
-def test_an_fsdp_launch_is_refused(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(SeftkitError, match="FSDP is not supported"):
-        init_distributed("cpu")
-
-
 def worker(root: Path, data: Path) -> None:
     """One rank of the torchrun launch: every scenario, then a run killed mid-training (``os._exit``)."""
     torch.set_num_threads(1)

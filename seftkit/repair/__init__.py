@@ -38,21 +38,24 @@ def repair_checkpoint(
     from seftkit.distributed import barrier, init_distributed
     from seftkit.io import atomic_dir, check_output_path, write_json
     from seftkit.models import load_model, resolve_device, save_model
+    from seftkit.repair.sharding import full_state_dict, uses_fsdp
 
     check_config(config)
     make_method(config)  # unknown method names fail before the model loads
     out_path = check_output_path(out, overwrite, inputs=(model_spec,))
     ckpt = checkpoint_dir_for(out_path) if config.checkpoint_every or resume else None
     ranks, device = init_distributed(resolve_device(config.device))
-    model, tokenizer = load_model(model_spec, device=device, dtype=config.dtype)
+    sharded = uses_fsdp(config.strategy)  # then the model loads into CPU memory and only shards go to the device
+    model, tokenizer = load_model(model_spec, device="cpu" if sharded else device, dtype=config.dtype)
     report = repair_model(model, tokenizer, config, checkpoint_dir=ckpt, resume=resume, progress=progress,
                           stop_after=stop_after)
     if report.sparsity_after is None:  # stopped early on purpose: the checkpoint is the result
         return report
     report.output = str(out_path)
+    state = full_state_dict(model) if sharded else None  # gathered onto rank 0's CPU
     if ranks.is_main:
         with atomic_dir(out_path, overwrite) as tmp:
-            save_model(model, tokenizer, tmp)
+            save_model(model, tokenizer, tmp, state_dict=state)
             write_json(tmp / REPORT_NAME, report)
         if ckpt is not None:
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -28,6 +28,7 @@ from seftkit.models import linear_weight
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.delta import replace_module
 from seftkit.repair.method import RepairMethod
+from seftkit.repair.sharding import full_linear_weight, write_linear_weight
 from seftkit.sparsity.masks import nm_mask, smallest_mask
 from seftkit.sparsity.pattern import parse_nm
 from seftkit.sparsity.targets import TargetRule
@@ -145,8 +146,8 @@ class MaskedLora(RepairMethod):
     def merge(self) -> None:
         with torch.no_grad():
             for name, wrapper in self.wrapped.items():
-                weight = linear_weight(wrapper.base)
-                weight.add_(wrapper.delta().to(weight.dtype))
+                weight = full_linear_weight(wrapper.base)  # gathered when sharded (FSDP)
+                write_linear_weight(wrapper.base, weight + wrapper.delta().to(weight.dtype))
                 replace_module(self.model, name, wrapper.base)
 
     def summary(self) -> dict[str, Any]:

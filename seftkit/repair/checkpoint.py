@@ -26,7 +26,8 @@ from seftkit.repair.method import RepairMethod
 
 STATE_FILE = "state.pt"
 # Fields that may change between a run and its resume without changing the result.
-RUNTIME_FIELDS = frozenset({"device", "checkpoint_every", "log_every", "eval_ppl", "eval_tasks", "eval_limit"})
+RUNTIME_FIELDS = frozenset({"device", "strategy", "checkpoint_every", "log_every", "eval_ppl", "eval_tasks",
+                            "eval_limit"})
 
 
 def checkpoint_dir_for(out: str | Path) -> Path:

@@ -50,4 +50,7 @@ class RepairConfig:
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     checkpoint_every: int | None = None
+    # how processes share the model under torchrun: "ddp" replicates it, "fsdp" shards the frozen weights
+    # (None: fsdp under an accelerate FSDP launch, else ddp; see seftkit.repair.sharding)
+    strategy: str | None = None
     log_every: int = 10

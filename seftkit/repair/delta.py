@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seftkit.models import linear_weight
+from seftkit.repair.sharding import full_linear_weight, write_linear_weight, zero_linear_weight
 
 GradHook = Callable[[torch.Tensor, torch.Tensor], None]
 """Called in backward as ``hook(dW, T)`` with the transient dense [out, in] weight gradient and effective weight."""
@@ -139,22 +140,23 @@ class SparseDeltaLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight as an [out, in] view."""
-        return linear_weight(self.base)
+        """The frozen base weight as an [out, in] view; under FSDP, outside forward, a gathered copy (all ranks
+        must read it together; write through :meth:`clear_weights` / :meth:`merge_into_base`)."""
+        return full_linear_weight(self.base)
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return linear_weight(self.base).shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return linear_weight(self.base).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return SparseDeltaFunction.apply(
-                x.to(dtype), self.weight, self.base.bias, self.indices, self.values, self.grad_hook
+                x.to(dtype), linear_weight(self.base), self.base.bias, self.indices, self.values, self.grad_hook
             )
 
     @torch.no_grad()
@@ -163,16 +165,13 @@ class SparseDeltaLinear(nn.Module):
         merged = effective_weight(self.weight, self.indices, self.values, torch.float32)
         return merged.mul_(self.active)
 
-    @torch.no_grad()
     def clear_weights(self, positions: torch.Tensor) -> None:
         """Set the base weight to zero at flat positions (positions SEFT removed from the active set)."""
-        positions = positions.long()
-        self.weight[positions // self.in_features, positions % self.in_features] = 0
+        zero_linear_weight(self.base, positions)
 
-    @torch.no_grad()
     def merge_into_base(self) -> nn.Module:
         """Write the merged weight into the base module and return it (frozen flags are left to the caller)."""
-        self.weight.copy_(self.merged_weight())
+        write_linear_weight(self.base, self.merged_weight())
         return self.base
 
     def extra_repr(self) -> str:

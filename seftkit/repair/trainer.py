@@ -11,17 +11,20 @@ Choices, and why:
   the last checkpoint written is the last good state.
 - After ``merge`` every target layer must hold at most its input nnz (and a valid N:M pattern with ``--nm``);
   otherwise nothing is returned for saving.
-- Under torch.distributed (``torchrun``, see :mod:`seftkit.distributed`) the model is replicated with DDP
-  (FSDP is not supported): every global micro-batch is ``batch_size x world_size`` windows of which each rank
-  trains on its slice, so N processes with ``--batch-size B`` train like one with ``N*B`` (exactly so for text
-  windows; with task data each rank averages over its own answer tokens, as DDP does); DDP synchronises
-  gradients only on a step's last micro-batch; the loss curve is the mean over ranks. Methods attach to the inner
-  module, so their hooks and decisions are unaware of DDP (SEFT makes its topology decisions from gradients
-  averaged over ranks).
+- Under torch.distributed (``torchrun``, see :mod:`seftkit.distributed`) the model is replicated with DDP, or
+  with ``strategy="fsdp"`` its weights are sharded with FSDP2 (:mod:`seftkit.repair.sharding`; the small trainable
+  state stays replicated and its gradients are averaged on a step's last micro-batch, like DDP's). Either way
+  every global micro-batch is ``batch_size x world_size`` windows of which each rank trains on its slice, so N
+  processes with ``--batch-size B`` train like one with ``N*B`` (exactly so for text windows; with task data each
+  rank averages over its own answer tokens, as DDP does); DDP synchronises gradients only on a step's last
+  micro-batch; the loss curve is the mean over ranks. Methods attach to the inner module before it is wrapped
+  or sharded, so their hooks and decisions are unaware of DDP/FSDP (SEFT makes its topology decisions from
+  gradients averaged over ranks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
@@ -46,6 +49,13 @@ from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint,
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
 from seftkit.repair.report import LayerSparsity, RepairReport
+from seftkit.repair.sharding import (
+    average_gradients_,
+    check_strategy,
+    full_linear_weight,
+    shard_model,
+    uses_fsdp,
+)
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.pattern import parse_nm
 from seftkit.sparsity.targets import TargetRule
@@ -97,6 +107,7 @@ def check_config(config: RepairConfig) -> None:
         raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
     if config.nm is not None:
         parse_nm(config.nm)
+    check_strategy(config.strategy, config.method)
 
 
 def learning_rate(config: RepairConfig, step: int) -> float:
@@ -131,7 +142,7 @@ def check_output_sparsity(model: nn.Module, layers: dict[str, LayerSparsity], nm
     """Fill ``nnz_after``; refuse a merged model that is denser than its input or breaks N:M."""
     pattern = parse_nm(nm) if nm else None
     for name, layer in layers.items():
-        weight = linear_weight(model.get_submodule(name)).detach()
+        weight = full_linear_weight(model.get_submodule(name)).detach()
         layer.nnz_after = int(torch.count_nonzero(weight))
         if layer.nnz_after > layer.nnz_before:
             raise SeftkitError(f"repair left {name} with {layer.nnz_after} non-zeros, more than its input's "
@@ -194,7 +205,10 @@ def replicate(model: nn.Module, ranks: World, device: torch.device) -> nn.Module
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """DDP's ``no_sync`` unless ``sync``: gradients are all-reduced once per step, after its last micro-batch."""
+    """DDP's ``no_sync`` unless ``sync``: gradients are all-reduced once per step, after its last micro-batch
+    (FSDP's own reductions likewise; with every base weight frozen it has none)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(sync)
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else nullcontext()
 
 
@@ -230,7 +244,9 @@ def repair_model(
     started = time.perf_counter()
     ranks = world()
     progress = progress and ranks.is_main
-    device = next(model.parameters()).device
+    sharded = uses_fsdp(config.strategy)
+    # sharded, the model may still be in CPU memory: fully_shard moves each rank's shards to its device
+    device = torch.device(ranks.device) if sharded else next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     targets = target_linears(model, TargetRule(config.include, config.exclude))
@@ -240,16 +256,22 @@ def repair_model(
     check_input_pattern(targets, config.nm)
     layers = measure_layers(targets)
     method = make_method(config)
+    if ranks.distributed:  # record what ran (under an accelerate FSDP launch None means fsdp)
+        config = dataclasses.replace(config, strategy="fsdp" if sharded else "ddp")
     report = RepairReport(config=config, method=config.method, trainable_params=0,
                           total_params=sum(p.numel() for p in model.parameters()), device=str(device), layers=layers,
                           sparsity_before=overall_sparsity(layers, after=False))
     report.processes = ranks.world_size
     report.global_batch_size = config.batch_size * ranks.world_size * config.grad_accum
-    if ranks.is_main:  # the others would only repeat it; they wait for rank 0 at DDP's start-up broadcast
+    if ranks.is_main and not sharded:  # the others would only repeat it; they wait at DDP's start-up broadcast
         report.eval_before = evaluate_model(model, tokenizer, config, progress)
 
     torch.manual_seed(config.seed)
     method.attach(model, targets)
+    if sharded:
+        shard_model(model, method.trainable_parameters(), device)
+        # every rank runs the sharded forward; the method's update starts at zero, so this is the input model
+        report.eval_before = evaluate_model(model, tokenizer, config, progress)
     params = method.trainable_parameters()
     report.trainable_params = method.trainable_count()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -257,7 +279,7 @@ def repair_model(
     batches = build_batches(tokenizer, config.data, config.seqlen, global_batch,
                             max(config.steps * config.grad_accum, method.init_passes()), config.seed,
                             rows=shard_rows(global_batch))
-    replica = replicate(model, ranks, device)
+    replica = model if sharded else replicate(model, ranks, device)
     was_training = model.training
     model.train()
     if config.gradient_checkpointing:
@@ -273,7 +295,7 @@ def repair_model(
             state = Progress()
             run_init_passes(replica, method, batches, device)
         train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
-                              stop_after, density=1.0 - report.sparsity_before)
+                              stop_after, density=1.0 - report.sparsity_before, average_gradients=sharded)
     finally:
         if config.gradient_checkpointing:
             set_activation_checkpointing(model, False)
@@ -290,7 +312,7 @@ def repair_model(
     check_output_sparsity(model, layers, config.nm)
     report.sparsity_after = overall_sparsity(layers, after=True)
     report.method_summary = method.summary()
-    if ranks.is_main:
+    if ranks.is_main or sharded:  # a sharded forward needs every rank
         report.eval_after = evaluate_model(model, tokenizer, config, progress)
     report.wall_time_s = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
@@ -326,8 +348,11 @@ def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatche
 def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches: TrainBatches,
           config: RepairConfig,
           state: Progress, device: torch.device, checkpoint_dir: Path | None, progress: bool,
-          stop_after: int | None, density: float) -> float:
+          stop_after: int | None, density: float, average_gradients: bool = False) -> float:
     """Run steps ``state.step .. config.steps - 1`` (updating ``state``); returns the seconds spent training.
+
+    ``average_gradients`` all-reduces the trainable parameters' gradients before each optimizer step (under
+    FSDP, which leaves these replicated parameters to seftkit).
 
     The progress bar shows the loss, seconds per step and ``density``, the fraction of target weights in the
     active set: every method holds it at the input's (SEFT's evolving set keeps its size at every boundary).
@@ -351,6 +376,8 @@ def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimiz
                     check_loss(value, f"at step {step}", checkpoint_dir)
                     (loss / config.grad_accum).backward()
                 total += value / config.grad_accum
+            if average_gradients:
+                average_gradients_(method.trainable_parameters())
             optimizer.step()
             event = method.after_optimizer_step(step, optimizer)
             optimizer.zero_grad(set_to_none=True)
