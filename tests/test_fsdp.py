@@ -101,7 +101,7 @@ def assert_same_run(folder: Path, reference: Path) -> None:
     assert got["global_batch_size"] == expected["global_batch_size"] == PER_RANK_BATCH * PROCESSES * 2
     assert losses(folder) == pytest.approx(losses(reference), rel=1e-4)
     assert got["sparsity_after"] == expected["sparsity_after"]
-    for key in ("updates", "revived_weights"):
+    for key in ("updates", "revived_weights", "layers"):
         assert got["method_summary"].get(key) == expected["method_summary"].get(key)
 
 

@@ -137,7 +137,7 @@ class SeftMethod(RepairMethod):
         self.layers: list[_Layer] = []
         self.init_event: dict[str, Any] | None = None
         self._model: nn.Module | None = None
-        self._requires_grad: dict[nn.Parameter, bool] = {}
+        self._requires_grad: dict[str, bool] = {}  # by name: FSDP replaces the parameter objects
         self._init_pending = False
         self._totals = _Counts()
         self._boundaries = 0
@@ -149,7 +149,7 @@ class SeftMethod(RepairMethod):
         if not targets:
             raise SeftkitError("no target linears to repair; check --include/--exclude")
         self._model = model
-        self._requires_grad = {param: param.requires_grad for param in model.parameters()}
+        self._requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
         model.requires_grad_(False)
         generator = torch.Generator().manual_seed(self.config.seed)
         for name, module in targets.items():
@@ -214,9 +214,9 @@ class SeftMethod(RepairMethod):
             layer.revived_final = layer.revived()
             base = layer.module.merge_into_base()
             replace_module(self._model, layer.name, base)
-            layer.nnz_after = int((linear_weight(base) != 0).sum())
-        for param, flag in self._requires_grad.items():
-            param.requires_grad_(flag)
+            layer.nnz_after = int((layer.module.weight != 0).sum())  # gathered when sharded
+        for name, flag in self._requires_grad.items():
+            self._model.get_parameter(name).requires_grad_(flag)
         self._merged = True
 
     # -- boundaries and accumulation --------------------------------------------------------------------
