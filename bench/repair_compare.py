@@ -5,8 +5,11 @@
 Protocol (every number comes from this one run):
 - the default model pruned to ``--sparsity`` with Wanda (cached in ``--workdir``), dense and pruned perplexity;
 - every method x learning rate in a fresh subprocess, so peak memory and step time belong to that run alone;
-  the peak is the kernel's RSS high-water mark (``VmHWM``) reset after loading, and the memory ratios use that
-  peak minus the RSS right after loading (what training adds);
+  the peak is the kernel's RSS high-water mark (``VmHWM``) reset after loading and reading every weight once
+  (safetensors weights are memory-mapped, so a model is not resident until it is read); "+MB" is that peak
+  minus the resident model, i.e. what training adds. The workers run with glibc's mmap threshold fixed
+  (``MALLOC_MMAP_THRESHOLD_``, see :data:`ALLOCATOR_ENV`), the same for every method, so the high-water mark
+  follows live tensors rather than freed temporaries that glibc's adaptive threshold keeps in the heap;
 - held-out text ``olmo:lambada:heldout`` is split in two interleaved halves: ``val`` picks each method's
   best learning rate, ``test`` is what the table reports, so the sweep never sees the reported numbers;
 - "gap closed" = (ppl_pruned - ppl_method) / (ppl_pruned - ppl_dense) on ``test``.
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,9 @@ from seftkit.repair.config import METHODS, RepairConfig
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 WANDA_SEQLEN = 512
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps later ones in the
+heap, which inflates every method's RSS high-water mark by up to ~1 GB of freed temporaries on this model."""
 
 
 def heldout_halves() -> tuple[list[str], list[str]]:
@@ -70,10 +77,11 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     import psutil
 
     from seftkit.eval import perplexity
-    from seftkit.models import load_model
+    from seftkit.models import check_finite, load_model
     from seftkit.repair import repair_model
 
     model, tokenizer = load_model(job["model"], device="cpu")
+    check_finite(model)  # reads every weight, so the memory-mapped model is resident before the baseline
     loaded_mb = psutil.Process().memory_info().rss / 2**20
     result: dict[str, Any] = {"loaded_rss_mb": loaded_mb}
     if job.get("config"):
@@ -95,7 +103,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "seftkit.bench.repair_compare", "--worker", str(spec),
-                               "--result", str(out)], capture_output=True, text=True)
+                               "--result", str(out)], capture_output=True, text=True,
+                              env={**os.environ, **ALLOCATOR_ENV})
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
@@ -107,23 +116,36 @@ def pick_best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(ok, key=lambda r: r["val_ppl"]) if ok else None
 
 
+REFERENCES = ("masked-lora", "static")
+
+
+def ratios(value: float, refs: dict[str, float], names: tuple[str, ...] = REFERENCES) -> str:
+    """``value`` over each named reference method's, or ``-`` where that method was not run."""
+    return "".join(f"{value / refs[k]:>8.2f}" if k in refs else f"{'-':>8}" for k in names)
+
+
 def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> list[str]:
+    """One row per method; memory as the whole peak and as what training adds (+MB), each over masked-lora's
+    and static's, and step time over masked-lora's."""
     gap = pruned["test_ppl"] - dense["test_ppl"]
-    ref_mem = {name: best[name]["train_extra_mb"] for name in ("masked-lora", "static") if best.get(name)}
-    ref_time = best["masked-lora"]["step_time_s"] if best.get("masked-lora") else None
+    refs = {name: best[name] for name in REFERENCES if best.get(name)}
+    ref_peak = {name: run["peak_rss_mb"] for name, run in refs.items()}
+    ref_extra = {name: run["train_extra_mb"] for name, run in refs.items()}
+    ref_time = {name: run["step_time_s"] for name, run in refs.items()}
     lines = [f"dense test ppl {dense['test_ppl']:.3f}, pruned {pruned['test_ppl']:.3f}",
-             f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}{'peak MB':>9}"
-             f"{'+MB':>8}{'/mlora':>8}{'/static':>8}{'s/step':>8}{'/mlora':>8}"]
+             f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}"
+             f"{'peak MB':>9}{'/mlora':>8}{'/static':>8}{'+MB':>8}{'/mlora':>8}{'/static':>8}"
+             f"{'s/step':>8}{'/mlora':>8}"]
     for name, run in best.items():
         if run is None:
             lines.append(f"{name:<16}  every learning rate failed")
             continue
-        mem = run["train_extra_mb"]
         lines.append(
             f"{name:<16}{run['lr']:>8.0e}{run['trainable']:>12,}{run['test_ppl']:>10.3f}"
-            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}{run['peak_rss_mb']:>9.0f}{mem:>8.0f}"
-            + "".join(f"{mem / ref_mem[k]:>8.2f}" if k in ref_mem else f"{'-':>8}" for k in ("masked-lora", "static"))
-            + f"{run['step_time_s']:>8.2f}" + (f"{run['step_time_s'] / ref_time:>8.2f}" if ref_time else f"{'-':>8}")
+            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}"
+            f"{run['peak_rss_mb']:>9.0f}{ratios(run['peak_rss_mb'], ref_peak)}"
+            f"{run['train_extra_mb']:>8.0f}{ratios(run['train_extra_mb'], ref_extra)}"
+            f"{run['step_time_s']:>8.2f}{ratios(run['step_time_s'], ref_time, REFERENCES[:1])}"
         )
     return lines
 
@@ -150,6 +172,7 @@ def main() -> None:
     parser.add_argument("--update-interval", type=int, default=10)
     parser.add_argument("--accumulation-steps", type=int, default=3)
     parser.add_argument("--init", default="grad-active", help="SEFT's initial slot choice (grad, grad-active, random)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for every method")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +201,8 @@ def main() -> None:
                                   seqlen=args.seqlen, lr=lr, seed=args.seed,
                                   lora_rank_equivalent=args.lora_rank_equivalent,
                                   update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
-                                  init=args.init, device="cpu")
+                                  init=args.init, gradient_checkpointing=args.gradient_checkpointing,
+                                  device="cpu")
             run = {"lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             print(f"{method} lr {lr:g}: " + (run["error"] if "error" in run else
