@@ -1,7 +1,7 @@
 """Repair with FSDP2 (``--strategy fsdp``): 2 CPU processes over gloo, launched by torchrun and by accelerate.
 
 One torchrun launch of this file (``worker`` at the bottom) runs every sharded scenario on tiny models, plus the
-same SEFT run under DDP; one ``accelerate launch --use_fsdp`` runs the real CLI. The tests compare the outputs
+same SEFT runs under DDP; one ``accelerate launch --use_fsdp`` runs the real CLI. The tests compare the outputs
 with each other and with single-process runs of the same global batch.
 """
 
@@ -39,9 +39,15 @@ CLI = ["--steps", "6", "--grad-accum", "2", "--seqlen", "32", "--lr", "1e-2", "-
        "--update-interval", "2", "--accumulation-steps", "2", "--device", "cpu", "--batch-size", str(PER_RANK_BATCH)]
 
 
-def config(data: Path, batch_size: int, method: str, strategy: str, **overrides) -> RepairConfig:
+def config(root: Path, data: Path, batch_size: int, name: str, **overrides) -> RepairConfig:
+    """Run ``name`` of RUNS; the Llama runs also measure perplexity before and after on ``root/eval.txt`` (a
+    sharded evaluation runs on every rank), masked-lora with activation checkpointing."""
+    family, method, strategy = RUNS[name]
+    extra = {"eval_ppl": str(root / "eval.txt")} if family == "llama" else {}
+    if method == "masked-lora":
+        extra["gradient_checkpointing"] = True
     return RepairConfig(**{**REPAIR, "data": str(data), "batch_size": batch_size, "method": method,
-                           "strategy": strategy, **overrides})
+                           "strategy": strategy, **extra, **overrides})
 
 
 def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
@@ -60,14 +66,14 @@ def runs(tmp_path_factory, tiny_text_file):
         save_tiny_model(root / f"{family}-tiny", family)
         prune_checkpoint(root / f"{family}-tiny", "magnitude", parse_pattern(0.5), out=root / f"{family}-pruned",
                          progress=False)
+    (root / "eval.txt").write_text(tiny_text_file.read_text()[:2000])
     launched = launch(__file__, str(root), str(tiny_text_file))
     accelerated = accelerate_launch("seftkit.cli.main", "repair", str(root / "llama-pruned"), "--data",
                                     str(tiny_text_file), "--out", str(root / "accelerate"), "--json",
                                     str(root / "accelerate.json"), *CLI)
     for name in ONE_PROCESS:
-        family, method, _ = RUNS[name]
-        repair_checkpoint(root / f"{family}-pruned", config(tiny_text_file, PER_RANK_BATCH * PROCESSES, method, "ddp"),
-                          root / f"{name}-1", progress=False)
+        one_process = config(root, tiny_text_file, PER_RANK_BATCH * PROCESSES, name)
+        repair_checkpoint(root / f"{RUNS[name][0]}-pruned", one_process, root / f"{name}-1", progress=False)
     return {"root": root, "launched": launched, "accelerated": accelerated}
 
 
@@ -101,6 +107,8 @@ def assert_same_run(folder: Path, reference: Path) -> None:
     assert got["global_batch_size"] == expected["global_batch_size"] == PER_RANK_BATCH * PROCESSES * 2
     assert losses(folder) == pytest.approx(losses(reference), rel=1e-4)
     assert got["sparsity_after"] == expected["sparsity_after"]
+    for when in ("eval_before", "eval_after"):
+        assert got[when] == pytest.approx(expected[when], rel=1e-4)
     for key in ("updates", "revived_weights", "layers"):
         assert got["method_summary"].get(key) == expected["method_summary"].get(key)
 
@@ -190,12 +198,12 @@ def worker(root: Path, data: Path) -> None:
 
     trainer.shard_model = recording_shard_model
     PreTrainedModel.save_pretrained = recording_save_pretrained
-    for name, (family, method, strategy) in RUNS.items():
+    for name, (family, _, _) in RUNS.items():
         current["name"] = name
-        repair_checkpoint(root / f"{family}-pruned", config(data, PER_RANK_BATCH, method, strategy), root / name,
+        repair_checkpoint(root / f"{family}-pruned", config(root, data, PER_RANK_BATCH, name), root / name,
                           progress=False)
     current["name"] = "resumed"
-    stopped = config(data, PER_RANK_BATCH, "seft", "fsdp", checkpoint_every=2)
+    stopped = config(root, data, PER_RANK_BATCH, "seft", checkpoint_every=2, eval_ppl=None)
     repair_checkpoint(root / "llama-pruned", stopped, root / "resumed", progress=False, stop_after=4)
     repair_checkpoint(root / "llama-pruned", stopped, root / "resumed", resume=True, progress=False)
     (root / f"rank{ranks.rank}.json").write_text(json.dumps(record))

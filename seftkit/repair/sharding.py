@@ -85,6 +85,16 @@ def shard_model(model: nn.Module, replicated: list[nn.Parameter], device: torch.
                     module._buffers[name] = buffer.to(device)
 
 
+@torch.no_grad()
+def allocate_gather_buffers(model: nn.Module, device: torch.device) -> None:
+    """One forward of one token, outside ``torch.inference_mode``.
+
+    FSDP allocates each block's all-gather buffers on its first forward and reuses them; allocated under
+    inference mode (as seftkit's evaluation runs) they become inference tensors that training cannot write.
+    """
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
+
 def average_gradients_(params: list[nn.Parameter]) -> None:
     """Average the gradients of replicated parameters over ranks, one all-reduce per dtype (FSDP skips them)."""
     groups: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)

@@ -50,6 +50,7 @@ from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
 from seftkit.repair.report import LayerSparsity, RepairReport
 from seftkit.repair.sharding import (
+    allocate_gather_buffers,
     average_gradients_,
     check_strategy,
     full_linear_weight,
@@ -270,6 +271,7 @@ def repair_model(
     method.attach(model, targets)
     if sharded:
         shard_model(model, method.trainable_parameters(), device)
+        allocate_gather_buffers(model, device)
         # every rank runs the sharded forward; the method's update starts at zero, so this is the input model
         report.eval_before = evaluate_model(model, tokenizer, config, progress)
     params = method.trainable_parameters()
