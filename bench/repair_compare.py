@@ -4,12 +4,14 @@
 
 Protocol (every number comes from this one run):
 - the default model pruned to ``--sparsity`` with Wanda (cached in ``--workdir``), dense and pruned perplexity;
-- every method x learning rate in a fresh subprocess, so peak memory and step time belong to that run alone;
-  the peak is the kernel's RSS high-water mark (``VmHWM``) reset after loading and reading every weight once
-  (safetensors weights are memory-mapped, so a model is not resident until it is read); "+MB" is that peak
-  minus the resident model, i.e. what training adds. The workers run with glibc's mmap threshold fixed
-  (``MALLOC_MMAP_THRESHOLD_``, see :data:`ALLOCATOR_ENV`), the same for every method, so the high-water mark
-  follows live tensors rather than freed temporaries that glibc's adaptive threshold keeps in the heap;
+- every method x learning rate in a fresh subprocess, so step time belongs to that run alone;
+- memory: each method once more at its best learning rate for ``update_interval + 1`` steps (its first topology
+  update included), in a fresh process with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, see
+  :data:`ALLOCATOR_ENV`), so the RSS high-water mark (``VmHWM``) follows live tensors rather than freed
+  temporaries that glibc's adaptive threshold keeps in the heap. That setting slows training (every large
+  tensor is a fresh mmap), which is why the timed runs do not use it. The peak is reset after loading and
+  reading every weight once (safetensors weights are memory-mapped, so a model is not resident until it is
+  read); "+MB" is the peak minus that resident model, i.e. what training adds;
 - held-out text ``olmo:lambada:heldout`` is split in two interleaved halves: ``val`` picks each method's
   best learning rate, ``test`` is what the table reports, so the sweep never sees the reported numbers;
 - "gap closed" = (ppl_pruned - ppl_method) / (ppl_pruned - ppl_dense) on ``test``.
@@ -35,8 +37,9 @@ from seftkit.repair.config import METHODS, RepairConfig
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 WANDA_SEQLEN = 512
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps later ones in the
-heap, which inflates every method's RSS high-water mark by up to ~1 GB of freed temporaries on this model."""
+"""For the memory runs: glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps
+later ones in the heap, which inflates every method's RSS high-water mark by up to ~1 GB of freed temporaries
+on this model (and by different amounts for different methods)."""
 
 
 def heldout_halves() -> tuple[list[str], list[str]]:
@@ -90,6 +93,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         peak_mb = peak_rss_since_reset_mb()
         result.update(trainable=report.trainable_params, step_time_s=report.step_time_s, peak_rss_mb=peak_mb,
                       train_extra_mb=peak_mb - loaded_mb, final_loss=report.final_loss, summary=report.method_summary)
+    if not job.get("evaluate", True):
+        return result
     val, test = heldout_halves()
     for name, texts in (("val", val), ("test", test)):
         result[f"{name}_ppl"] = perplexity(model, tokenizer, texts, seqlen=job["eval_seqlen"],
@@ -97,14 +102,15 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Run :func:`worker` in a fresh interpreter; a diverged or failed run is reported, not raised."""
+def run_job(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run :func:`worker` in a fresh interpreter (``env`` added to its environment); a diverged or failed run
+    is reported, not raised."""
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "seftkit.bench.repair_compare", "--worker", str(spec),
                                "--result", str(out)], capture_output=True, text=True,
-                              env={**os.environ, **ALLOCATOR_ENV})
+                              env={**os.environ, **(env or {})})
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
@@ -124,13 +130,23 @@ def ratios(value: float, refs: dict[str, float], names: tuple[str, ...] = REFERE
     return "".join(f"{value / refs[k]:>8.2f}" if k in refs else f"{'-':>8}" for k in names)
 
 
+def memory_cells(run: dict[str, Any], ref_peak: dict[str, float], ref_extra: dict[str, float]) -> str:
+    """Peak and +MB of a method's memory run, each with its ratios to the references."""
+    memory = run.get("memory", {"error": "not run"})
+    if "error" in memory:
+        return f"{'failed':>9}{'':>40}"
+    return (f"{memory['peak_rss_mb']:>9.0f}{ratios(memory['peak_rss_mb'], ref_peak)}"
+            f"{memory['train_extra_mb']:>8.0f}{ratios(memory['train_extra_mb'], ref_extra)}")
+
+
 def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> list[str]:
-    """One row per method; memory as the whole peak and as what training adds (+MB), each over masked-lora's
-    and static's, and step time over masked-lora's."""
+    """One row per method; memory (from the memory runs) as the whole peak and as what training adds (+MB),
+    each over masked-lora's and static's, and step time (from the timed runs) over masked-lora's."""
     gap = pruned["test_ppl"] - dense["test_ppl"]
     refs = {name: best[name] for name in REFERENCES if best.get(name)}
-    ref_peak = {name: run["peak_rss_mb"] for name, run in refs.items()}
-    ref_extra = {name: run["train_extra_mb"] for name, run in refs.items()}
+    measured = {name: run["memory"] for name, run in refs.items() if "error" not in run.get("memory", {"error": 1})}
+    ref_peak = {name: memory["peak_rss_mb"] for name, memory in measured.items()}
+    ref_extra = {name: memory["train_extra_mb"] for name, memory in measured.items()}
     ref_time = {name: run["step_time_s"] for name, run in refs.items()}
     lines = [f"dense test ppl {dense['test_ppl']:.3f}, pruned {pruned['test_ppl']:.3f}",
              f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}"
@@ -142,9 +158,7 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
             continue
         lines.append(
             f"{name:<16}{run['lr']:>8.0e}{run['trainable']:>12,}{run['test_ppl']:>10.3f}"
-            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}"
-            f"{run['peak_rss_mb']:>9.0f}{ratios(run['peak_rss_mb'], ref_peak)}"
-            f"{run['train_extra_mb']:>8.0f}{ratios(run['train_extra_mb'], ref_extra)}"
+            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}{memory_cells(run, ref_peak, ref_extra)}"
             f"{run['step_time_s']:>8.2f}{ratios(run['step_time_s'], ref_time, REFERENCES[:1])}"
         )
     return lines
@@ -156,6 +170,14 @@ def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
         cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else f"{r['val_ppl']:.3f}") for r in runs]
         lines.append(f"  {name:<16}" + "   ".join(cells))
     return lines
+
+
+def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int) -> RepairConfig:
+    """The shared settings of every run; only the method, learning rate and length vary."""
+    return RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=steps, batch_size=args.batch_size,
+                        seqlen=args.seqlen, lr=lr, seed=args.seed, lora_rank_equivalent=args.lora_rank_equivalent,
+                        update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
+                        init=args.init, gradient_checkpointing=args.gradient_checkpointing, device="cpu")
 
 
 def main() -> None:
@@ -197,17 +219,19 @@ def main() -> None:
     sweep: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         for lr in lrs:
-            config = RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=args.steps, batch_size=args.batch_size,
-                                  seqlen=args.seqlen, lr=lr, seed=args.seed,
-                                  lora_rank_equivalent=args.lora_rank_equivalent,
-                                  update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
-                                  init=args.init, gradient_checkpointing=args.gradient_checkpointing,
-                                  device="cpu")
+            config = repair_config(args, method, lr, args.steps)
             run = {"lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             print(f"{method} lr {lr:g}: " + (run["error"] if "error" in run else
                   f"val ppl {run['val_ppl']:.3f}, {run['step_time_s']:.2f} s/step"), file=sys.stderr, flush=True)
     best = {method: pick_best(runs) for method, runs in sweep.items()}
+    for method, run in best.items():
+        if run is not None:
+            config = repair_config(args, method, run["lr"], args.update_interval + 1)
+            run["memory"] = run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), "evaluate": False},
+                                    env=ALLOCATOR_ENV)
+            outcome = run["memory"].get("error") or f"{run['memory']['peak_rss_mb']:.0f} MB peak"
+            print(f"{method} memory: {outcome}", file=sys.stderr, flush=True)
     print("\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best)]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
