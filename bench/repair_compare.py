@@ -14,7 +14,9 @@ Protocol (every number comes from this one run):
   read); "+MB" is the peak minus that resident model, i.e. what training adds;
 - held-out text ``olmo:lambada:heldout`` is split in two interleaved halves: ``val`` picks each method's
   best learning rate, ``test`` is what the table reports, so the sweep never sees the reported numbers;
-- "gap closed" = (ppl_pruned - ppl_method) / (ppl_pruned - ppl_dense) on ``test``.
+- "gap closed" = (ppl_pruned - ppl_method) / (ppl_pruned - ppl_dense) on ``test``;
+- zero-shot accuracy on ``--eval-tasks`` (their ``heldout`` split, first ``--eval-limit`` questions), reported
+  for every run beside perplexity but never used to pick the learning rate.
 A diverged run (NaN loss) is listed in the sweep and loses the selection.
 """
 
@@ -79,7 +81,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     """One measured run (inside its own process): optional repair, then val/test perplexity."""
     import psutil
 
-    from seftkit.eval import perplexity
+    from seftkit.eval import evaluate, perplexity
     from seftkit.models import check_finite, load_model
     from seftkit.repair import repair_model
 
@@ -99,6 +101,11 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     for name, texts in (("val", val), ("test", test)):
         result[f"{name}_ppl"] = perplexity(model, tokenizer, texts, seqlen=job["eval_seqlen"],
                                            max_windows=job["eval_windows"], progress=False).ppl
+    if job.get("eval_tasks"):
+        tasks = evaluate(model, tokenizer, tasks=job["eval_tasks"], limit=job["eval_limit"], split="heldout",
+                         progress=False)
+        result["acc"] = {name: task.acc for name, task in tasks.tasks.items()}
+        result["mean_acc"] = tasks.mean_acc
     return result
 
 
@@ -130,6 +137,12 @@ def ratios(value: float, refs: dict[str, float], names: tuple[str, ...] = REFERE
     return "".join(f"{value / refs[k]:>8.2f}" if k in refs else f"{'-':>8}" for k in names)
 
 
+def accuracy(run: dict[str, Any]) -> str:
+    """`` (piqa 0.640, arc_easy 0.480)``: a run's zero-shot accuracies, or nothing when none were measured."""
+    scores = run.get("acc") or {}
+    return f" ({', '.join(f'{name} {acc:.3f}' for name, acc in scores.items())})" if scores else ""
+
+
 def memory_cells(run: dict[str, Any], ref_peak: dict[str, float], ref_extra: dict[str, float]) -> str:
     """Peak and +MB of a method's memory run, each with its ratios to the references."""
     memory = run.get("memory", {"error": "not run"})
@@ -148,8 +161,9 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
     ref_peak = {name: memory["peak_rss_mb"] for name, memory in measured.items()}
     ref_extra = {name: memory["train_extra_mb"] for name, memory in measured.items()}
     ref_time = {name: run["step_time_s"] for name, run in refs.items()}
-    lines = [f"dense test ppl {dense['test_ppl']:.3f}, pruned {pruned['test_ppl']:.3f}",
-             f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}"
+    lines = [f"dense test ppl {dense['test_ppl']:.3f}{accuracy(dense)}, pruned {pruned['test_ppl']:.3f}"
+             f"{accuracy(pruned)}",
+             f"{'method':<16}{'lr':>8}{'trainable':>12}{'test ppl':>10}{'gap closed':>12}{'acc':>8}"
              f"{'peak MB':>9}{'/mlora':>8}{'/static':>8}{'+MB':>8}{'/mlora':>8}{'/static':>8}"
              f"{'s/step':>8}{'/mlora':>8}"]
     for name, run in best.items():
@@ -158,7 +172,8 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
             continue
         lines.append(
             f"{name:<16}{run['lr']:>8.0e}{run['trainable']:>12,}{run['test_ppl']:>10.3f}"
-            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}{memory_cells(run, ref_peak, ref_extra)}"
+            f"{(pruned['test_ppl'] - run['test_ppl']) / gap:>12.1%}{run.get('mean_acc') or float('nan'):>8.3f}"
+            f"{memory_cells(run, ref_peak, ref_extra)}"
             f"{run['step_time_s']:>8.2f}{ratios(run['step_time_s'], ref_time, REFERENCES[:1])}"
         )
     return lines
@@ -167,7 +182,8 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
 def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["learning-rate sweep (val ppl; the lowest is used):"]
     for name, runs in sweep.items():
-        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else f"{r['val_ppl']:.3f}") for r in runs]
+        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else f"{r['val_ppl']:.3f}{accuracy(r)}")
+                 for r in runs]
         lines.append(f"  {name:<16}" + "   ".join(cells))
     return lines
 
@@ -197,6 +213,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every method")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
+    parser.add_argument("--eval-tasks", default="piqa,arc_easy", help="zero-shot tasks ('' for none)")
+    parser.add_argument("--eval-limit", type=int, default=200, help="questions per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
@@ -212,7 +230,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
-    evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows}
+    evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "eval_limit": args.eval_limit,
+                  "eval_tasks": [t.strip() for t in args.eval_tasks.split(",") if t.strip()]}
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir)
     dense = run_job({"model": args.model, **evaluation})
     pruned = run_job({"model": str(pruned_dir), **evaluation})
