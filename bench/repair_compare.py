@@ -143,10 +143,16 @@ def accuracy(run: dict[str, Any]) -> str:
     return f" ({', '.join(f'{name} {acc:.3f}' for name, acc in scores.items())})" if scores else ""
 
 
+def measured_memory(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A method's memory run, or None where it was not run or failed."""
+    memory = run.get("memory")
+    return None if memory is None or "error" in memory else memory
+
+
 def memory_cells(run: dict[str, Any], ref_peak: dict[str, float], ref_extra: dict[str, float]) -> str:
     """Peak and +MB of a method's memory run, each with its ratios to the references."""
-    memory = run.get("memory", {"error": "not run"})
-    if "error" in memory:
+    memory = measured_memory(run)
+    if memory is None:
         return f"{'failed':>9}{'':>40}"
     return (f"{memory['peak_rss_mb']:>9.0f}{ratios(memory['peak_rss_mb'], ref_peak)}"
             f"{memory['train_extra_mb']:>8.0f}{ratios(memory['train_extra_mb'], ref_extra)}")
@@ -157,7 +163,7 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
     each over masked-lora's and static's, and step time (from the timed runs) over masked-lora's."""
     gap = pruned["test_ppl"] - dense["test_ppl"]
     refs = {name: best[name] for name in REFERENCES if best.get(name)}
-    measured = {name: run["memory"] for name, run in refs.items() if "error" not in run.get("memory", {"error": 1})}
+    measured = {name: memory for name, run in refs.items() if (memory := measured_memory(run)) is not None}
     ref_peak = {name: memory["peak_rss_mb"] for name, memory in measured.items()}
     ref_extra = {name: memory["train_extra_mb"] for name, memory in measured.items()}
     ref_time = {name: run["step_time_s"] for name, run in refs.items()}
