@@ -13,7 +13,6 @@ from seftkit.repair.evolution import (
     candidate_count,
     drop_fraction,
     evolve_layer,
-    reset_optimizer_entries,
     smallest_slots,
     top_positions,
 )
@@ -176,19 +175,3 @@ def test_random_rounds_keep_k_slots_and_the_active_count(revive):
     else:
         assert torch.equal(active, start)
         assert nm_valid(active.reshape(rows, cols).float(), 2, 4)
-
-
-def test_reset_optimizer_entries_zeroes_only_repurposed_slots():
-    param = torch.nn.Parameter(torch.zeros(5))
-    optimizer = torch.optim.AdamW([param], lr=0.1)
-    param.grad = torch.arange(1.0, 6.0)
-    optimizer.step()
-    state = optimizer.state[param]
-    before = {key: value.clone() for key, value in state.items()}
-    reset_optimizer_entries(optimizer, param, torch.tensor([1, 3]))
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert state[key][[1, 3]].eq(0).all()
-        torch.testing.assert_close(state[key][[0, 2, 4]], before[key][[0, 2, 4]])
-        assert before[key][[1, 3]].ne(0).all()
-    assert torch.equal(state["step"], before["step"])
-    reset_optimizer_entries(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), param, torch.tensor([0]))

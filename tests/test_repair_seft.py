@@ -1,4 +1,4 @@
-"""SEFT end to end on tiny pruned models, driven by a plain AdamW loop (the interface the trainer uses)."""
+"""SEFT end to end on tiny pruned models, driven by a plain training loop (the interface the trainer uses)."""
 
 from __future__ import annotations
 
@@ -61,13 +61,13 @@ def _start(config: RepairConfig, family: str = "llama", nm: tuple[int, int] | No
     model, masks, batch = _pruned_model(family, nm)
     method = METHODS[config.method](config)
     method.attach(model, target_linears(model))
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=config.lr)
+    optimizer = method.make_optimizer(config.lr, config.weight_decay)
     model.train()
     if init:
         for _ in range(method.init_passes()):
             method.before_backward(0)
             _loss(model, batch).backward()
-        method.finish_init()
+        method.finish_init(optimizer)
         model.zero_grad(set_to_none=True)
     return Run(model, method, optimizer, masks, batch)
 
@@ -308,3 +308,15 @@ def test_a_boundary_without_statistics_leaves_the_layer_alone():
     for name, (indices, active, values) in _topology(run).items():
         assert torch.equal(indices, before[name][0]) and torch.equal(active, before[name][1])
         assert torch.equal(values, before[name][2])
+
+
+def test_repurposed_slots_restart_as_fresh_adam_entries():
+    run = _train(_start(_config(init="grad-active")), 3)
+    before = {layer.name: layer.module.indices.clone() for layer in run.method.layers}
+    _train(run, 4)  # step 3 ends with the first boundary
+    for layer in run.method.layers:
+        state = run.optimizer.state[layer.module.values]
+        changed = layer.module.indices != before[layer.name]
+        assert changed.any() and (layer.module.values[changed] == 0).all()
+        assert (state["age"][changed] == 0).all() and (state["exp_avg"][changed] == 0).all()
+        assert (state["age"][~changed] == 4).all() and (state["exp_avg_sq"][~changed] > 0).any()

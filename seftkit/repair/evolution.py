@@ -200,12 +200,3 @@ def _others(indices: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def _empty_like(indices: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=indices.device)
-
-
-def reset_optimizer_entries(optimizer: torch.optim.Optimizer, param: torch.Tensor, entries: torch.Tensor) -> None:
-    """Zero the per-element optimizer state (AdamW exp_avg, exp_avg_sq, ...) of repurposed ``entries`` of
-    ``param``; scalar state such as AdamW's per-tensor ``step`` is shared and left alone."""
-    state = optimizer.state.get(param, {})
-    for value in state.values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            value[entries] = 0

@@ -1,7 +1,8 @@
 """The interface every repair method implements, so the training loop never branches on method names.
 
 Life cycle driven by ``seftkit.repair.trainer``:
-  attach(model, targets) -> [init_passes() forward/backward passes, then finish_init()] ->
+  attach(model, targets) -> make_optimizer(...) -> [init_passes() forward/backward passes, then
+  finish_init(optimizer)] ->
   for each step: before_backward(step) before every micro-batch backward, optimizer.step(),
   after_optimizer_step(step, optimizer) -> merge() at the end (plain HF model, target sparsity exact).
 """
@@ -34,11 +35,15 @@ class RepairMethod(ABC):
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW over :meth:`trainable_parameters` (a method whose entries restart mid-run brings its own)."""
+        return torch.optim.AdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+
     def init_passes(self) -> int:
         """Forward/backward passes (without optimizer steps) the method needs before training starts."""
         return 0
 
-    def finish_init(self) -> None:
+    def finish_init(self, optimizer: torch.optim.Optimizer) -> None:
         """Called after the init passes (e.g. pick SEFT's initial slots from accumulated gradients)."""
 
     def before_backward(self, step: int) -> None:

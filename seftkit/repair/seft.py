@@ -43,10 +43,10 @@ from seftkit.repair.evolution import (
     candidate_count,
     drop_fraction,
     evolve_layer,
-    reset_optimizer_entries,
     top_positions,
 )
 from seftkit.repair.method import RepairMethod
+from seftkit.repair.optimizer import SlotAdamW
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.pattern import parse_nm
 
@@ -179,15 +179,20 @@ class SeftMethod(RepairMethod):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [layer.module.values for layer in self.layers]
 
+    def make_optimizer(self, lr: float, weight_decay: float) -> SlotAdamW:
+        """Adam with per-slot bias correction: repurposed slots restart as fresh Adam parameters (see
+        :mod:`seftkit.repair.optimizer`)."""
+        return SlotAdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+
     def init_passes(self) -> int:
         return self.config.accumulation_steps if self.config.init in GRADIENT_INITS else 0
 
-    def finish_init(self) -> None:
+    def finish_init(self, optimizer: torch.optim.Optimizer) -> None:
         """Pick the initial slots: the k largest accumulated |dW| (then adapt when reviving)."""
         if not self._init_pending:
             return
         self._set_window(None)
-        self.init_event = self._evolve(INIT_WINDOW, optimizer=None)
+        self.init_event = self._evolve(INIT_WINDOW, optimizer)
         self._init_pending = False
 
     def before_backward(self, step: int) -> None:
@@ -280,7 +285,7 @@ class SeftMethod(RepairMethod):
         layer.window = window
 
     @torch.no_grad()
-    def _evolve(self, window: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def _evolve(self, window: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Drop/grow/adapt every layer with the candidates accumulated for ``window``; returns the event."""
         counts = _Counts()
         nnz_ok = True
@@ -297,8 +302,7 @@ class SeftMethod(RepairMethod):
                                 self._grow_count(layer, window), sensitivity, module.weight)
             module.indices.copy_(indices)
             module.values[step.repurposed] = 0
-            if optimizer is not None:
-                reset_optimizer_entries(optimizer, module.values, step.repurposed)
+            self._restart_slots(optimizer, layer, step.repurposed)
             if step.removed.numel():
                 self._clear(layer, step.removed)
             layer.window, layer.grow, layer.sensitivity = None, None, None
@@ -314,6 +318,13 @@ class SeftMethod(RepairMethod):
             self._boundaries += 1
         log.debug("SEFT update at %s: %s", window, counts)
         return {**dataclasses.asdict(counts), "nnz_ok": nnz_ok}
+
+    @staticmethod
+    def _restart_slots(optimizer: torch.optim.Optimizer, layer: _Layer, slots: torch.Tensor) -> None:
+        """Repurposed slots start over as fresh Adam parameters (zero moments, age 0)."""
+        if not isinstance(optimizer, SlotAdamW):
+            raise TypeError("SEFT restarts single slots; train it with the optimizer from make_optimizer()")
+        optimizer.restart(layer.module.values, slots)
 
     @staticmethod
     def _clear(layer: _Layer, removed: torch.Tensor) -> None:

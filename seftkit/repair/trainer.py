@@ -1,7 +1,8 @@
 """The one repair training loop. Every method runs through it; it never looks at a method's name.
 
 Choices, and why:
-- AdamW over ``method.trainable_parameters()`` only, so optimizer memory is what the method costs.
+- AdamW over ``method.trainable_parameters()`` only (``method.make_optimizer``; SEFT's counts Adam's bias
+  correction per slot), so optimizer memory is what the method costs.
 - Learning rate: linear warmup over ``warmup_steps``, then linear decay to 0 at ``steps``. A pure function of the
   step (no scheduler object), so a resumed run gets exactly the same rates.
 - Micro-batch ``i`` is fixed by the seed (``batches``); every method trains on the same tokens in the same order.
@@ -274,9 +275,8 @@ def repair_model(
         allocate_gather_buffers(model, device)
         # every rank runs the sharded forward; the method's update starts at zero, so this is the input model
         report.eval_before = evaluate_model(model, tokenizer, config, progress)
-    params = method.trainable_parameters()
     report.trainable_params = method.trainable_count()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = method.make_optimizer(config.lr, config.weight_decay)
     global_batch = config.batch_size * ranks.world_size
     batches = build_batches(tokenizer, config.data, config.seqlen, global_batch,
                             max(config.steps * config.grad_accum, method.init_passes()), config.seed,
@@ -295,7 +295,7 @@ def repair_model(
             if resume:
                 log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
             state = Progress()
-            run_init_passes(replica, method, batches, device)
+            run_init_passes(replica, method, optimizer, batches, device)
         train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
                               stop_after, density=1.0 - report.sparsity_before, average_gradients=sharded)
     finally:
@@ -332,7 +332,8 @@ def check_loss(loss: float, when: str, checkpoint_dir: Path | None) -> None:
         raise DivergenceError(f"loss became {loss} {when}; try a lower --lr ({kept})")
 
 
-def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatches, device: torch.device) -> None:
+def run_init_passes(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches: TrainBatches,
+                    device: torch.device) -> None:
     """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step (nor
     DDP gradient sync: the gradients are discarded)."""
     passes = method.init_passes()
@@ -343,7 +344,7 @@ def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatche
             check_loss(global_loss(loss), "before the first step", None)
             (loss / passes).backward()
     if passes:
-        method.finish_init()
+        method.finish_init(optimizer)
         model.zero_grad(set_to_none=True)
 
 
