@@ -18,6 +18,11 @@ Protocol (every number comes from this one run):
 - zero-shot accuracy on ``--eval-tasks`` (their ``heldout`` split, first ``--eval-limit`` questions), reported
   for every run beside perplexity but never used to pick the learning rate.
 A diverged run (NaN loss) is listed in the sweep and loses the selection.
+
+``--reuse EARLIER.json`` takes the dense and pruned evaluations and the baselines' sweep runs (lora-prune,
+masked-lora, static: nothing of SEFT's code or settings reaches them) from an earlier ``--json`` whose shared
+settings (model, pruning, data, steps, batch, budget, evaluation, seed) are identical, and marks them
+"reused"; SEFT's runs and every memory run are always measured anew.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from seftkit.data import DEFAULT_HELDOUT_TEXT, DEFAULT_TRAIN_TEXT
 from seftkit.repair.config import METHODS, RepairConfig
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+BASELINES = ("lora-prune", "masked-lora", "static")
+SHARED_SETTINGS = ("model", "sparsity", "calib_samples", "steps", "batch_size", "seqlen", "lora_rank_equivalent",
+                   "gradient_checkpointing", "eval_seqlen", "eval_windows", "eval_tasks", "eval_limit", "seed")
+"""Everything a baseline's numbers depend on (the SEFT knobs are not among them)."""
 WANDA_SEQLEN = 512
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """For the memory runs: glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps
@@ -124,6 +133,27 @@ def run_job(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str,
         return json.loads(out.read_text())
 
 
+def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The earlier result at ``path`` when its shared settings equal ``args``' (else an error), or {}."""
+    if path is None:
+        return {}
+    earlier = json.loads(path.read_text())
+    differing = [key for key in SHARED_SETTINGS if earlier["args"].get(key) != str(getattr(args, key))]
+    if differing:
+        raise SystemExit(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
+    return earlier
+
+
+def reused_run(earlier: dict[str, Any], method: str, lr: float) -> dict[str, Any] | None:
+    """A baseline's run at ``lr`` from the earlier result (its memory run dropped: memory is measured anew)."""
+    if method not in BASELINES:
+        return None
+    for run in earlier.get("sweep", {}).get(method, []):
+        if run["lr"] == lr and "error" not in run:
+            return {**{k: v for k, v in run.items() if k != "memory"}, "reused": True}
+    return None
+
+
 def pick_best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     ok = [r for r in runs if "error" not in r and math.isfinite(r["val_ppl"])]
     return min(ok, key=lambda r: r["val_ppl"]) if ok else None
@@ -189,7 +219,7 @@ def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["learning-rate sweep (val ppl; the lowest is used):"]
     for name, runs in sweep.items():
         cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else f"{r['val_ppl']:.3f}{accuracy(r)}")
-                 for r in runs]
+                 + (" reused" if r.get("reused") else "") for r in runs]
         lines.append(f"  {name:<16}" + "   ".join(cells))
     return lines
 
@@ -199,7 +229,8 @@ def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int) 
     return RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=steps, batch_size=args.batch_size,
                         seqlen=args.seqlen, lr=lr, seed=args.seed, lora_rank_equivalent=args.lora_rank_equivalent,
                         update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
-                        init=args.init, gradient_checkpointing=args.gradient_checkpointing, device="cpu")
+                        drop_rate=args.drop_rate, init=args.init, gradient_checkpointing=args.gradient_checkpointing,
+                        device="cpu")
 
 
 def main() -> None:
@@ -215,6 +246,7 @@ def main() -> None:
     parser.add_argument("--lora-rank-equivalent", type=int, default=8)
     parser.add_argument("--update-interval", type=int, default=10)
     parser.add_argument("--accumulation-steps", type=int, default=3)
+    parser.add_argument("--drop-rate", type=float, default=RepairConfig.drop_rate, help="SEFT's p0")
     parser.add_argument("--init", default="grad-active", help="SEFT's initial slot choice (grad, grad-active, random)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every method")
     parser.add_argument("--eval-seqlen", type=int, default=512)
@@ -224,6 +256,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--reuse", type=Path, help="an earlier --json: reuse its dense/pruned and baseline runs")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,14 +271,16 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "eval_limit": args.eval_limit,
                   "eval_tasks": [t.strip() for t in args.eval_tasks.split(",") if t.strip()]}
+    earlier = reusable_runs(args.reuse, args)
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir)
-    dense = run_job({"model": args.model, **evaluation})
-    pruned = run_job({"model": str(pruned_dir), **evaluation})
+    dense = earlier.get("dense") or run_job({"model": args.model, **evaluation})
+    pruned = earlier.get("pruned") or run_job({"model": str(pruned_dir), **evaluation})
     sweep: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         for lr in lrs:
             config = repair_config(args, method, lr, args.steps)
-            run = {"lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
+            run = reused_run(earlier, method, lr) or {
+                "lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             print(f"{method} lr {lr:g}: " + (run["error"] if "error" in run else
                   f"val ppl {run['val_ppl']:.3f}, {run['step_time_s']:.2f} s/step"), file=sys.stderr, flush=True)
