@@ -1,0 +1,41 @@
+"""The repair bench's --reuse: only baselines, only from an earlier run with the same shared settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from seftkit.bench.repair_compare import SHARED_SETTINGS, reusable_runs, reused_run
+
+SETTINGS = dict(model="smollm2-135m", sparsity=0.7, calib_samples=32, steps=100, batch_size=4, seqlen=128,
+                lora_rank_equivalent=8, gradient_checkpointing=False, eval_seqlen=512, eval_windows=40,
+                eval_tasks="piqa,arc_easy", eval_limit=200, seed=0)
+
+
+def _earlier(tmp_path, **changed):
+    args = {key: str(value) for key, value in {**SETTINGS, **changed}.items()}
+    args["update_interval"] = "20"  # a SEFT knob: never part of the match
+    run = {"lr": 0.003, "val_ppl": 93.0, "memory": {"peak_rss_mb": 1.0}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"args": args, "dense": {"test_ppl": 42.0}, "pruned": {"test_ppl": 786.0},
+                                "sweep": {"masked-lora": [run], "seft": [run], "static": [{"lr": 0.001,
+                                                                                           "error": "diverged"}]}}))
+    return path
+
+
+def test_reuses_baseline_runs_without_their_memory_and_never_seft(tmp_path):
+    earlier = reusable_runs(_earlier(tmp_path), argparse.Namespace(**SETTINGS, update_interval=10))
+    assert earlier["dense"] == {"test_ppl": 42.0}
+    assert reused_run(earlier, "masked-lora", 0.003) == {"lr": 0.003, "val_ppl": 93.0, "reused": True}
+    assert reused_run(earlier, "masked-lora", 0.01) is None
+    assert reused_run(earlier, "seft", 0.003) is None
+    assert reused_run(earlier, "static", 0.001) is None  # a failed run is measured again
+
+
+def test_refuses_an_earlier_run_with_other_shared_settings(tmp_path):
+    with pytest.raises(SystemExit, match="differ in steps, seed"):
+        reusable_runs(_earlier(tmp_path, steps=40, seed=1), argparse.Namespace(**SETTINGS))
+    assert reusable_runs(None, argparse.Namespace(**SETTINGS)) == {}
+    assert set(SETTINGS) == set(SHARED_SETTINGS)
