@@ -67,7 +67,7 @@ def _start(config: RepairConfig, family: str = "llama", nm: tuple[int, int] | No
         for _ in range(method.init_passes()):
             method.before_backward(0)
             _loss(model, batch).backward()
-        method.finish_init(optimizer)
+        method.finish_init()
         model.zero_grad(set_to_none=True)
     return Run(model, method, optimizer, masks, batch)
 

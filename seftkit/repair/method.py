@@ -1,8 +1,7 @@
 """The interface every repair method implements, so the training loop never branches on method names.
 
 Life cycle driven by ``seftkit.repair.trainer``:
-  attach(model, targets) -> make_optimizer(...) -> [init_passes() forward/backward passes, then
-  finish_init(optimizer)] ->
+  attach(model, targets) -> make_optimizer(...) -> [init_passes() forward/backward passes, then finish_init()] ->
   for each step: before_backward(step) before every micro-batch backward, optimizer.step(),
   after_optimizer_step(step, optimizer) -> merge() at the end (plain HF model, target sparsity exact).
 """
@@ -43,7 +42,7 @@ class RepairMethod(ABC):
         """Forward/backward passes (without optimizer steps) the method needs before training starts."""
         return 0
 
-    def finish_init(self, optimizer: torch.optim.Optimizer) -> None:
+    def finish_init(self) -> None:
         """Called after the init passes (e.g. pick SEFT's initial slots from accumulated gradients)."""
 
     def before_backward(self, step: int) -> None:

@@ -187,12 +187,12 @@ class SeftMethod(RepairMethod):
     def init_passes(self) -> int:
         return self.config.accumulation_steps if self.config.init in GRADIENT_INITS else 0
 
-    def finish_init(self, optimizer: torch.optim.Optimizer) -> None:
+    def finish_init(self) -> None:
         """Pick the initial slots: the k largest accumulated |dW| (then adapt when reviving)."""
         if not self._init_pending:
             return
         self._set_window(None)
-        self.init_event = self._evolve(INIT_WINDOW, optimizer)
+        self.init_event = self._evolve(INIT_WINDOW, optimizer=None)  # before any step: no optimizer state yet
         self._init_pending = False
 
     def before_backward(self, step: int) -> None:
@@ -285,7 +285,7 @@ class SeftMethod(RepairMethod):
         layer.window = window
 
     @torch.no_grad()
-    def _evolve(self, window: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def _evolve(self, window: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Drop/grow/adapt every layer with the candidates accumulated for ``window``; returns the event."""
         counts = _Counts()
         nnz_ok = True
@@ -302,7 +302,8 @@ class SeftMethod(RepairMethod):
                                 self._grow_count(layer, window), sensitivity, module.weight)
             module.indices.copy_(indices)
             module.values[step.repurposed] = 0
-            self._restart_slots(optimizer, layer, step.repurposed)
+            if optimizer is not None:
+                self._restart_slots(optimizer, layer, step.repurposed)
             if step.removed.numel():
                 self._clear(layer, step.removed)
             layer.window, layer.grow, layer.sensitivity = None, None, None

@@ -295,7 +295,7 @@ def repair_model(
             if resume:
                 log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
             state = Progress()
-            run_init_passes(replica, method, optimizer, batches, device)
+            run_init_passes(replica, method, batches, device)
         train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
                               stop_after, density=1.0 - report.sparsity_before, average_gradients=sharded)
     finally:
@@ -332,8 +332,7 @@ def check_loss(loss: float, when: str, checkpoint_dir: Path | None) -> None:
         raise DivergenceError(f"loss became {loss} {when}; try a lower --lr ({kept})")
 
 
-def run_init_passes(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimizer, batches: TrainBatches,
-                    device: torch.device) -> None:
+def run_init_passes(model: nn.Module, method: RepairMethod, batches: TrainBatches, device: torch.device) -> None:
     """Gradient probes before training (e.g. SEFT's initial slots): backward passes, no optimizer step (nor
     DDP gradient sync: the gradients are discarded)."""
     passes = method.init_passes()
@@ -344,7 +343,7 @@ def run_init_passes(model: nn.Module, method: RepairMethod, optimizer: torch.opt
             check_loss(global_loss(loss), "before the first step", None)
             (loss / passes).backward()
     if passes:
-        method.finish_init(optimizer)
+        method.finish_init()
         model.zero_grad(set_to_none=True)
 
 
