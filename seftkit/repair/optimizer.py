@@ -8,7 +8,8 @@ a restarted slot is exactly a fresh Adam parameter, and for the rest the update 
 
 Warm-starting a new slot's moments from the accumulation window's gradient statistics (as SpIEL does) was
 measured and dropped: on SmolLM2-135M at 70% (100 steps, lr 3e-3) it raised held-out perplexity from ~98 to
-110-115, because the window's early, large gradients then weigh in the second moment for the whole run.
+110-115, probably because the window's early, large gradients then weigh in the second moment for the whole
+run (not verified further).
 """
 
 from __future__ import annotations
