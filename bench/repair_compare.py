@@ -134,13 +134,18 @@ def run_job(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str,
 
 
 def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    """The earlier result at ``path`` when its shared settings equal ``args``' (else an error), or {}."""
+    """The earlier result at ``path`` when its shared settings equal ``args``', or {} without a path; ValueError
+    (one line) for an unreadable file or other settings."""
     if path is None:
         return {}
-    earlier = json.loads(path.read_text())
-    differing = [key for key in SHARED_SETTINGS if earlier["args"].get(key) != str(getattr(args, key))]
+    try:
+        earlier = json.loads(path.read_text())
+        recorded = earlier["args"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--reuse {path}: not a readable repair_compare --json result ({exc})") from None
+    differing = [key for key in SHARED_SETTINGS if recorded.get(key) != str(getattr(args, key))]
     if differing:
-        raise SystemExit(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
+        raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
     return earlier
 
 
@@ -271,7 +276,10 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "eval_limit": args.eval_limit,
                   "eval_tasks": [t.strip() for t in args.eval_tasks.split(",") if t.strip()]}
-    earlier = reusable_runs(args.reuse, args)
+    try:
+        earlier = reusable_runs(args.reuse, args)
+    except ValueError as exc:
+        parser.error(str(exc))
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir)
     dense = earlier.get("dense") or run_job({"model": args.model, **evaluation})
     pruned = earlier.get("pruned") or run_job({"model": str(pruned_dir), **evaluation})

@@ -35,7 +35,9 @@ def test_reuses_baseline_runs_without_their_memory_and_never_seft(tmp_path):
 
 
 def test_refuses_an_earlier_run_with_other_shared_settings(tmp_path):
-    with pytest.raises(SystemExit, match="differ in steps, seed"):
+    with pytest.raises(ValueError, match="differ in steps, seed"):
         reusable_runs(_earlier(tmp_path, steps=40, seed=1), argparse.Namespace(**SETTINGS))
     assert reusable_runs(None, argparse.Namespace(**SETTINGS)) == {}
+    with pytest.raises(ValueError, match="not a readable"):
+        reusable_runs(tmp_path / "missing.json", argparse.Namespace(**SETTINGS))
     assert set(SETTINGS) == set(SHARED_SETTINGS)
