@@ -141,15 +141,17 @@ def _forward_rows(model: PreTrainedModel, rows: Sequence[_Row], pad_id: int) -> 
     src = torch.tensor([s for r in rows for s, _, _ in r.scored], device=device)
     target = torch.tensor([t for r in rows for _, t, _ in r.scored], device=device)
     option = torch.tensor([k for r in rows for _, _, k in r.scored], device=device)
-    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-    keep[batch, src] = True
-    flat = keep.flatten().cumsum(0).view(ids.shape) - 1  # where each kept position lands in the logits
-
-    extra = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    # logits only at the columns some row scores (the documented 1-D form of ``logits_to_keep``), not [B, T, V]
+    columns = torch.zeros(width, dtype=torch.bool, device=device)
+    columns[src] = True
+    kept = torch.nonzero(columns).flatten()
+    column_of = columns.cumsum(0) - 1  # sequence position -> its index among the kept columns
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra, where = {"logits_to_keep": kept}, column_of[src]
+    else:
+        extra, where = {}, src
     logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=False, **extra).logits
-    if not extra:
-        logits = logits[keep]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)[flat[batch, src], target]
+    logprobs = torch.log_softmax(logits[batch, where].float(), dim=-1)[torch.arange(len(target), device=device), target]
     n_options = int(option.max()) + 1
     sums = torch.zeros(len(rows) * n_options, dtype=torch.float64, device=device)
     sums.index_add_(0, batch * n_options + option, logprobs.double())
