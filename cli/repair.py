@@ -24,6 +24,8 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (linear decay to 0).")
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float,
+              help="Clip the global norm of the trainable gradients before each step [default: no clipping].")
 @click.option("--delta-density", type=float, help="Budget: trainable fraction of each layer's weights.")
 @click.option("--lora-rank-equivalent", type=int,
               help="Budget: r * (in + out) per layer, a rank-r LoRA's count [default: 8 without --delta-density].")

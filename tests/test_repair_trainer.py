@@ -118,12 +118,36 @@ def test_learning_rate_warms_up_then_decays_to_zero():
         [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
+@pytest.mark.parametrize("method", ["seft", "masked-lora", "static"])
+def test_max_grad_norm_clips_the_trainable_gradient_before_the_step(method, tiny_text_file, monkeypatch):
+    """Clipped to a norm far below Adam's eps, one step barely moves the weights; unclipped it moves them by ~lr."""
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm):
+        parameters = list(parameters)
+        clip(parameters, max_norm)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    moved = {}
+    for max_norm in (None, 1e-12):
+        model, tokenizer = pruned_llama()
+        before = weights(model)
+        repair_model(model, tokenizer, config(method, tiny_text_file, steps=1, checkpoint_every=None,
+                                              max_grad_norm=max_norm), progress=False)
+        moved[max_norm] = max(float((w - before[name]).abs().max()) for name, w in weights(model).items())
+    assert len(norms) == 1 and norms[0] <= 1e-12 * (1 + 1e-4)
+    assert moved[None] > 0.5 * 1e-2 and moved[1e-12] < 1e-4 * moved[None]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"steps": 0}, "--steps must be at least 1"),
     ({"lr": float("nan")}, "--lr must be a positive number"),
     ({"delta_density": 0.1, "lora_rank_equivalent": 4}, "either --delta-density or --lora-rank-equivalent"),
     ({"delta_density": 1.5, "lora_rank_equivalent": None}, "--delta-density must be in"),
     ({"nm": "4:2"}, "need 0 < N < M"),
+    ({"max_grad_norm": 0.0}, "--max-grad-norm must be a positive number"),
     ({"method": "dense"}, "unknown repair method 'dense'"),
 ])
 def test_bad_settings_fail_before_training(overrides, message, tiny_text_file):
@@ -187,7 +211,7 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_text_file):
                      progress=False)
         results.append(weights(model))
         block_calls.append(len(calls))
-        assert not model.is_activation_checkpointing
+        assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
     assert block_calls[1] == 2 * block_calls[0]  # every training forward inside a block is recomputed in backward
     for name, weight in results[0].items():
         assert torch.equal(weight != 0, results[1][name] != 0), name

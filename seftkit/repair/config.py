@@ -22,6 +22,7 @@ class RepairConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    max_grad_norm: float | None = None  # clip the trainable parameters' global gradient norm (None: never)
     seed: int = 0
     # trainable budget: k_l = delta_density * numel, or r * (in + out) (a rank-r LoRA's parameter count)
     delta_density: float | None = None

@@ -4,7 +4,8 @@ Choices, and why:
 - AdamW over ``method.trainable_parameters()`` only (``method.make_optimizer``; SEFT's counts Adam's bias
   correction per slot), so optimizer memory is what the method costs.
 - Learning rate: linear warmup over ``warmup_steps``, then linear decay to 0 at ``steps``. A pure function of the
-  step (no scheduler object), so a resumed run gets exactly the same rates.
+  step (no scheduler object), so a resumed run gets exactly the same rates. ``max_grad_norm`` clips the global
+  gradient norm of the trainable parameters, as HF Trainer's option of that name does (off unless given).
 - Micro-batch ``i`` is fixed by the seed (``batches``); every method trains on the same tokens in the same order.
   Methods that probe gradients before training (SEFT's initial slots) use the first micro-batches of that same
   stream, without an optimizer step, so they see no extra data.
@@ -105,6 +106,8 @@ def check_config(config: RepairConfig) -> None:
         raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
     if config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
         raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
+    if config.max_grad_norm is not None and not (config.max_grad_norm > 0 and math.isfinite(config.max_grad_norm)):
+        raise SeftkitError(f"--max-grad-norm must be a positive number, got {config.max_grad_norm}")
     if config.checkpoint_every is not None and config.checkpoint_every < 1:
         raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
     if config.nm is not None:
@@ -380,6 +383,8 @@ def train(model: nn.Module, method: RepairMethod, optimizer: torch.optim.Optimiz
                 total += value / config.grad_accum
             if average_gradients:
                 average_gradients_(method.trainable_parameters())
+            if config.max_grad_norm is not None:  # after any averaging: every rank clips the same global gradient
+                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.max_grad_norm)
             optimizer.step()
             event = method.after_optimizer_step(step, optimizer)
             optimizer.zero_grad(set_to_none=True)
