@@ -8,7 +8,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from seftkit.models import linear_weight
-from seftkit.repair.delta import SparseDeltaFunction, SparseDeltaLinear, effective_weight, replace_module
+from seftkit.repair.delta import (
+    SparseDeltaFunction,
+    SparseDeltaLinear,
+    applied_delta,
+    effective_weight,
+    replace_module,
+)
 
 OUT, IN, K = 6, 8, 10
 
@@ -124,10 +130,11 @@ def test_nothing_dense_is_saved_for_backward_besides_the_weight():
         saved.append(tensor)
         return tensor
 
+    before = weight.clone()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         layer(torch.randn(3, IN, requires_grad=True)).sum().backward()
-    dense = [t for t in saved if t.numel() >= OUT * IN]
-    assert len(dense) == 1 and dense[0].data_ptr() == weight.data_ptr()
+    assert saved and all(t.numel() < OUT * IN for t in saved)  # W is held by reference, not saved
+    assert torch.equal(weight, before)  # the delta written into W for each matmul was taken out again
     # the module's own O(out*in) state: the frozen weight and the 1-byte active mask, nothing else
     tensors = [*layer.parameters(), *layer.buffers()]
     big = [t for t in tensors if t.numel() >= OUT * IN]
@@ -135,6 +142,21 @@ def test_nothing_dense_is_saved_for_backward_besides_the_weight():
     assert any(t.data_ptr() == layer.base.weight.data_ptr() for t in big)
     assert any(t.dtype == torch.bool and t.shape == (OUT, IN) for t in big)
     assert layer.values.shape == (K,) and layer.indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_applied_delta_is_the_effective_weight_and_restores_w_even_on_error(dtype):
+    layer = _layer()
+    weight = linear_weight(layer.base)
+    with torch.no_grad():
+        layer.values.normal_()
+    before = weight.clone()
+    expected = effective_weight(weight, layer.indices, layer.values, dtype)
+    with pytest.raises(ZeroDivisionError), applied_delta(weight, layer.indices, layer.values, dtype) as effective:
+        assert torch.equal(effective, expected) and effective.dtype == dtype
+        assert (effective.data_ptr() == weight.data_ptr()) == (dtype == weight.dtype)  # in place when it can be
+        raise ZeroDivisionError
+    assert torch.equal(weight, before)
 
 
 def test_frozen_base_active_mask_and_replace_module():

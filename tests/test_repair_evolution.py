@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seftkit.repair.evolution import (
+    SAMPLE_STRIDE,
     Candidates,
     bottom_positions,
     candidate_count,
@@ -54,6 +55,31 @@ def test_top_and_bottom_positions_respect_eligibility():
     assert top_positions(scores, 2).tolist() == [0, 4]
     assert bottom_positions(scores, 2, eligible).tolist() == [1, 5]
     assert top_positions(scores, 10, eligible).tolist() == [0, 1, 2, 3, 5]  # capped by what is eligible
+
+
+@pytest.mark.parametrize("skewed_sample", [False, True])
+def test_large_selections_through_a_sampled_threshold_equal_a_full_topk(skewed_sample):
+    """Layer-sized score tensors take the threshold path; a sample that overstates the scores (every sampled
+    entry huge) lets too few through, and the full topk must take over. Same positions either way."""
+    scores = torch.randn(300_000, generator=torch.Generator().manual_seed(0)).abs()
+    if skewed_sample:
+        scores[::SAMPLE_STRIDE] += 100.0
+    eligible = torch.rand(300_000, generator=torch.Generator().manual_seed(1)) > 0.3
+    for count in (6_000, 20_000):
+        masked = scores.masked_fill(~eligible, -math.inf)
+        expected = torch.sort(torch.topk(masked, count).indices).values
+        assert torch.equal(top_positions(scores, count, eligible), expected)
+        masked = scores.masked_fill(~eligible, math.inf)
+        expected = torch.sort(torch.topk(masked, count, largest=False).indices).values
+        assert torch.equal(bottom_positions(scores, count, eligible), expected)
+
+
+@pytest.mark.parametrize("size", [12, 300_000])
+def test_equal_scores_at_the_cut_go_to_the_lower_positions(size):
+    scores = torch.zeros(size)
+    scores[size // 2] = 5.0  # one clear winner, then a tie of all the zeros
+    assert top_positions(scores, 4).tolist() == [0, 1, 2, size // 2]
+    assert bottom_positions(-scores, 4).tolist() == [0, 1, 2, size // 2]
 
 
 def test_candidates_accumulate_only_their_positions():

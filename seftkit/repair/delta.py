@@ -3,9 +3,10 @@
 Only the ``k`` delta values ``d`` are trained, so the optimizer holds state for ``k`` numbers, not for the
 matrix. The custom autograd function keeps training memory O(k) per layer besides the frozen weight:
 
-* forward builds the effective weight ``T`` transiently and saves only ``x``, ``W``, ``I`` and ``d``;
-* backward recomputes ``T`` for the input gradient and forms the dense weight gradient ``dW`` only
-  transiently, gathering ``grad_d = dW.flatten()[I]`` from it (the SpIEL recipe).
+* forward forms the effective weight ``T`` only for its matmul (by writing the k sums into ``W`` and putting
+  the base values back, see :func:`applied_delta`) and keeps only ``x``, ``W``, ``I`` and ``d``;
+* backward forms ``T`` again for the input gradient and the dense weight gradient ``dW`` only transiently,
+  gathering ``grad_d = dW.flatten()[I]`` from it (the SpIEL recipe).
 
 While a layer is in "accumulate" mode (the passes before a SEFT topology update) backward also hands the
 transient ``dW`` and ``T`` to the layer's ``grad_hook``, which keeps O(k) statistics of them (growth
@@ -17,7 +18,8 @@ tensor, 1 byte per weight): the positions allowed to be non-zero, which SEFT evo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,8 +67,37 @@ def effective_weight(
     return result
 
 
+@contextmanager
+def applied_delta(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """``W + scatter(I, d)`` in ``dtype`` for the duration of the block.
+
+    Where ``W`` can hold exactly what :func:`effective_weight` would compute (same dtype, contiguous), the sum
+    is written into ``W`` itself at the k slots and the k base values are put back on exit, also on an error:
+    O(k) work instead of copying the matrix twice per layer and step (~8% of a SmolLM2 step on CPU). The
+    values seen inside are bit-identical to the copy's. Otherwise the block gets a fresh copy.
+    """
+    if weight.dtype != dtype or not weight.is_contiguous():
+        yield effective_weight(weight, indices, values, dtype)
+        return
+    idx = indices.long()
+    flat = weight.view(-1)
+    base = flat.index_select(0, idx)
+    wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
+    flat.index_copy_(0, idx, (base.to(wide) + values.to(wide)).to(dtype))
+    try:
+        yield weight
+    finally:
+        flat.index_copy_(0, idx, base)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
-    """Autograd for ``F.linear(x, W + scatter(I, d), b)`` that never saves a dense [out, in] tensor."""
+    """Autograd for ``F.linear(x, W + scatter(I, d), b)`` that never saves a dense [out, in] tensor.
+
+    ``W`` is kept on ``ctx`` rather than saved for backward: :func:`applied_delta` updates it in place (and
+    restores it), which autograd's saved-tensor version check would reject.
+    """
 
     @staticmethod
     def forward(
@@ -78,31 +109,30 @@ class SparseDeltaFunction(torch.autograd.Function):
         values: torch.Tensor,
         grad_hook: GradHook | None,
     ) -> torch.Tensor:
-        effective = effective_weight(weight, indices, values, x.dtype)
-        ctx.save_for_backward(x, weight, indices, values)
+        ctx.save_for_backward(x, indices, values)
+        ctx.weight = weight
         ctx.grad_hook = grad_hook
         ctx.has_bias = bias is not None
-        return F.linear(x, effective, None if bias is None else bias.to(x.dtype))
+        with applied_delta(weight, indices, values, x.dtype) as effective:
+            return F.linear(x, effective, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, indices, values = ctx.saved_tensors
+        x, indices, values = ctx.saved_tensors
         need_x, _, need_bias, _, need_values, _ = ctx.needs_input_grad
         grad_y = grad_y.to(x.dtype)
         hook = ctx.grad_hook
         grad_x = grad_bias = grad_values = None
-        effective = None
-        if need_x or hook is not None:
-            effective = effective_weight(weight, indices, values, x.dtype)
-        if need_x:
-            grad_x = grad_y.matmul(effective)
-        if need_values or hook is not None:
-            dense_grad = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
-            if need_values:
-                grad_values = dense_grad.view(-1).index_select(0, indices.long()).to(values.dtype)
-            if hook is not None:
-                hook(dense_grad, effective)
-            del dense_grad
+        with applied_delta(ctx.weight, indices, values, x.dtype) as effective:
+            if need_x:
+                grad_x = grad_y.matmul(effective)
+            if need_values or hook is not None:
+                dense_grad = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+                if need_values:
+                    grad_values = dense_grad.view(-1).index_select(0, indices.long()).to(values.dtype)
+                if hook is not None:
+                    hook(dense_grad, effective)
+                del dense_grad
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None, grad_values, None

@@ -54,7 +54,8 @@ def smallest_slots(magnitudes: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def top_positions(scores: torch.Tensor, count: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted flat positions of the ``count`` largest ``scores`` among ``eligible`` ones (bool, same shape)."""
+    """Sorted flat positions of the ``count`` largest ``scores`` among ``eligible`` ones (bool, same shape); of
+    equal scores at the cut, the lower positions."""
     return _extreme_positions(scores, count, eligible, largest=True)
 
 
@@ -74,7 +75,37 @@ def _extreme_positions(
     count = min(count, flat.numel())
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    return torch.sort(torch.topk(flat, count, largest=largest, sorted=False).indices).values
+    return torch.sort(_extreme_indices(flat, count, largest)).values
+
+
+SAMPLE_STRIDE = 64
+"""Threshold sampling (:func:`_extreme_indices`) looks at every 64th score."""
+
+
+def _extreme_indices(flat: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Indices of the ``count`` largest (smallest) entries of ``flat``, unordered; equal scores at the cut go to
+    the lower indices, so the picks are the same on every device (``torch.topk`` leaves ties to its kernel).
+
+    ``torch.topk`` of ~17k out of ~900k scores takes ~10 ms on one CPU core, and SEFT runs three per layer at
+    every topology update. A strided sample gives a threshold that at least ``count`` scores pass (about 1.25
+    times as many); a vectorised comparison collects them in index order and a stable sort of that short list
+    takes the best: ~5 ms. Large counts, small tensors and an unlucky sample (fewer than ``count`` pass) take the
+    topk's cut instead, then the ties at it by index.
+    """
+    n = flat.numel()
+    if n >= SAMPLE_STRIDE * 1024 and 4 * count <= n:
+        sample = flat[::SAMPLE_STRIDE]
+        picks = min(sample.numel(), count * 5 // (4 * SAMPLE_STRIDE) + 16)
+        edge = torch.topk(sample, picks, largest=largest, sorted=False).values
+        passing = torch.nonzero(flat >= edge.min() if largest else flat <= edge.max()).flatten()
+        if passing.numel() >= count:
+            order = torch.sort(flat[passing], descending=largest, stable=True).indices[:count]
+            return passing[order]
+    cut = torch.topk(flat, count, largest=largest, sorted=False).values
+    cut = cut.min() if largest else cut.max()
+    beyond = torch.nonzero(flat > cut if largest else flat < cut).flatten()
+    at_cut = torch.nonzero(flat == cut).flatten()[: count - beyond.numel()]
+    return torch.cat([beyond, at_cut])
 
 
 @dataclass
@@ -107,9 +138,20 @@ class Candidates:
         return cls(state["positions"], state["scores"])
 
 
+def is_in(positions: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``torch.isin`` for non-negative positions, through a marker array as long as the largest position:
+    ~0.3 ms where isin's sorting takes ~4 ms for SEFT's ~30k candidates against ~17k slots."""
+    if not positions.numel() or not members.numel():
+        return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+    marker = torch.zeros(int(torch.maximum(positions.max(), members.max())) + 1, dtype=torch.bool,
+                         device=positions.device)
+    marker[members] = True
+    return marker[positions]
+
+
 def first_not_in(pool: torch.Tensor, excluded: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """The first ``count`` (default: all) entries of ``pool``, in order, that are not in ``excluded``."""
-    return pool[~torch.isin(pool, excluded)][:count]
+    return pool[~is_in(pool, excluded)][:count]
 
 
 @dataclass
@@ -178,10 +220,10 @@ def evolve_layer(
     removable = first_not_in(removal_order, grown, step.revived)
     if removable.numel() < step.revived:
         raise RuntimeError("sensitivity candidates ran out; candidate_count must cover the grown positions")
-    step.emptied = int(torch.isin(removable, emptied).sum())
+    step.emptied = int(is_in(removable, emptied).sum())
     active[removable] = False
     step.removed = torch.sort(removable).values
-    displaced_slots = torch.nonzero(torch.isin(indices, removable)).flatten()
+    displaced_slots = torch.nonzero(is_in(indices, removable)).flatten()
     if displaced_slots.numel():
         refill_pool = pool[active[pool]]
         refill = first_not_in(refill_pool, indices, displaced_slots.numel())

@@ -266,18 +266,24 @@ class SeftMethod(RepairMethod):
         self, layer: _Layer, window: int, dense_grad: torch.Tensor, effective: torch.Tensor
     ) -> None:
         n = self._grow_count(layer, window)
-        active = layer.module.active
-        eligible = torch.ones_like(active)
+        active = layer.module.active.view(-1)
+        # Scores are masked in place (no eligibility masks or counts over the matrix: this runs for every layer)
+        # and the numbers of eligible positions follow from the invariants: all k slots lie in the active set.
+        magnitude = dense_grad.float().abs().view(-1)  # a fresh tensor (abs), ours to overwrite
+        taken = 0
         if window != INIT_WINDOW:  # the placeholder slots of the initial choice are fair game
-            eligible.view(-1)[layer.module.indices.long()] = False
-        magnitude = dense_grad.abs()
-        inside = top_positions(magnitude, candidate_count(n, layer.target_nnz), eligible & active)
+            magnitude.index_fill_(0, layer.module.indices.long(), -math.inf)
+            taken = layer.k
+        inside_scores = torch.where(active, magnitude, -math.inf)
+        inside = top_positions(inside_scores, candidate_count(n, layer.target_nnz - taken))
         if self._revives_at(window):
             # anywhere for growth, plus the best inside the active set to refill slots that adapt displaces
-            anywhere = top_positions(magnitude, candidate_count(n, eligible.numel()), eligible)
+            anywhere = top_positions(magnitude, candidate_count(n, magnitude.numel() - taken))
             layer.grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
-            sensitivity = (effective.float() * dense_grad.float()).abs()
-            lowest = bottom_positions(sensitivity, candidate_count(n, layer.target_nnz), active)
+            sensitivity = inside_scores  # reuse the buffer: |T * g| where active, +inf elsewhere
+            torch.mul(effective.reshape(-1).float(), dense_grad.reshape(-1).float(), out=sensitivity).abs_()
+            sensitivity.masked_fill_(~active, math.inf)
+            lowest = bottom_positions(sensitivity, candidate_count(n, layer.target_nnz))
             layer.sensitivity = Candidates.at(lowest)
         else:
             layer.grow = Candidates.at(inside)

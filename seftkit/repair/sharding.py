@@ -143,10 +143,14 @@ def write_linear_weight(module: nn.Module, value: torch.Tensor) -> None:
 def zero_linear_weight(module: nn.Module, positions: torch.Tensor) -> None:
     """Set a linear's weight to 0 at flat [out, in] ``positions`` (those in this rank's rows when sharded)."""
     positions = positions.long()
-    in_features = linear_weight(module).shape[1]
+    weight = linear_weight(module)
+    if not isinstance(module.weight, DTensor) and weight.is_contiguous():
+        weight.view(-1).index_fill_(0, positions, 0)  # ~20x faster than [rows, cols] = 0
+        return
+    in_features = weight.shape[1]
     rows, cols = positions // in_features, positions % in_features
     if not isinstance(module.weight, DTensor):
-        linear_weight(module)[rows, cols] = 0
+        weight[rows, cols] = 0
         return
     local, start, transposed = _local_rows(module)
     if transposed:
