@@ -115,6 +115,13 @@ def test_kernel_rejects_mismatched_input_width_and_bad_buffers():
         native().bitmap_matmul(torch.randn(1, 64), packed.values, packed.bits, packed.row_ptr[:-1], 64, 0)
 
 
+def test_sparse_linear_rejects_a_wrong_width_before_the_kernel():
+    linear = torch.nn.Linear(64, 8)
+    sparse = SparseLinear.from_linear(linear)
+    with pytest.raises(ValueError, match=r"width 64, got \(2, 32\)"):
+        sparse(torch.randn(2, 32))  # reshape(-1, 64) alone would have made it one row
+
+
 def test_sparse_linear_matches_nn_linear_with_bias_and_leading_dims():
     linear = torch.nn.Linear(72, 24)
     with torch.no_grad():

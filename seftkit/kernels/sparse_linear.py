@@ -61,6 +61,11 @@ class SparseLinear(nn.Module):
         module = native()
         if module is None:  # only reachable by constructing SparseLinear directly where the build failed
             raise SeftkitError("native sparse kernels are not available on this machine")
+        # checked here, not only in the kernel: reshape would otherwise fold a wrong width into other rows, and
+        # an error raised in C++ must cross the extension boundary (which crashed one GPU image's build)
+        if x.shape[-1] != self.in_features or x.device.type != "cpu":
+            raise ValueError(f"SparseLinear takes CPU inputs of width {self.in_features}, got {tuple(x.shape)} "
+                             f"on {x.device}")
         flat = x.reshape(-1, self.in_features)
         y = module.bitmap_matmul(flat, self.values, self.bits, self.row_ptr, self.in_features, int(self.isa))
         if self.bias is not None:
