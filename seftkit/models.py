@@ -134,6 +134,30 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     return table[dtype]
 
 
+CPU_RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+
+
+@contextlib.contextmanager
+def _real_weights_on_every_rank() -> Iterator[None]:
+    """Switch off accelerate's FSDP "CPU-RAM-efficient loading" while loading.
+
+    ``accelerate launch --use_fsdp`` on a GPU host sets ``FSDP_CPU_RAM_EFFICIENT_LOADING=true`` (its default), and
+    transformers releases that honour it (4.x loads ``torch.empty`` weights there) give every rank but the first
+    uninitialised weights, to be filled by FSDP's ``sync_module_states`` broadcast, which seftkit's FSDP2 sharding
+    does not do. So every rank loads the checkpoint itself. (On an H100 host with transformers 5.17 such a launch
+    had the ranks' SEFT topologies differ at the first check, the symptom of this; 5.23 loads real weights anyway.)
+    """
+    saved = os.environ.get(CPU_RAM_EFFICIENT_LOADING)
+    if saved is None:
+        yield
+        return
+    os.environ[CPU_RAM_EFFICIENT_LOADING] = "false"
+    try:
+        yield
+    finally:
+        os.environ[CPU_RAM_EFFICIENT_LOADING] = saved
+
+
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     device: str = "cpu",
@@ -149,9 +173,10 @@ def load_model(
     path = resolve_model_path(spec, allow_pickle=allow_pickle)
     torch_dtype = resolve_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
-        )
+        with _real_weights_on_every_rank():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
+            )
     except SafetensorError as exc:  # not an OSError: truncated or damaged *.safetensors
         raise SeftkitError(f"corrupt or truncated safetensors in {path}: {_first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

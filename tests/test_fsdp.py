@@ -54,7 +54,9 @@ def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
     """``accelerate launch --use_fsdp``: on a CPU-only machine it starts torchrun with ACCELERATE_USE_FSDP set."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", str(PROCESSES),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # accelerate's multi-GPU launcher sets FSDP_CPU_RAM_EFFICIENT_LOADING=true by default (its CPU launcher does
+    # not), which makes transformers load real weights on rank 0 only: set it as a GPU host would
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 

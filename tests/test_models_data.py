@@ -31,6 +31,21 @@ def test_load_model_is_quiet_and_ready(llama_dir, capfd):
     assert next(bf16.parameters()).dtype == torch.bfloat16 and none is None
 
 
+def test_every_rank_loads_real_weights_under_an_accelerate_fsdp_launch(llama_dir, monkeypatch):
+    """accelerate's GPU launcher asks transformers for empty weights on all ranks but the first; seftkit loads the
+    checkpoint on every rank instead (nothing broadcasts rank 0's weights), and leaves the setting as it was."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: seen.append(os.environ[models.CPU_RAM_EFFICIENT_LOADING])
+                        or load(*args, **kwargs))
+    monkeypatch.setenv(models.CPU_RAM_EFFICIENT_LOADING, "true")
+    models.load_model(llama_dir, with_tokenizer=False)
+    assert seen == ["false"] and os.environ[models.CPU_RAM_EFFICIENT_LOADING] == "true"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_layers_and_linear_views(family):
     model, _ = make_tiny_model(family)
