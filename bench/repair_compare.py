@@ -44,8 +44,11 @@ from seftkit.repair.config import METHODS, RepairConfig
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 BASELINES = ("lora-prune", "masked-lora", "static")
 SHARED_SETTINGS = ("model", "sparsity", "calib_samples", "steps", "batch_size", "seqlen", "lora_rank_equivalent",
-                   "gradient_checkpointing", "eval_seqlen", "eval_windows", "eval_tasks", "eval_limit", "seed")
+                   "warmup_steps", "max_grad_norm", "gradient_checkpointing", "eval_seqlen", "eval_windows",
+                   "eval_tasks", "eval_limit", "seed")
 """Everything a baseline's numbers depend on (the SEFT knobs are not among them)."""
+ADDED_SETTINGS = {"warmup_steps": "0", "max_grad_norm": "None"}
+"""Shared settings newer than some earlier results: a result without one was run at this value."""
 WANDA_SEQLEN = 512
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """For the memory runs: glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps
@@ -143,7 +146,8 @@ def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]
         recorded = earlier["args"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--reuse {path}: not a readable repair_compare --json result ({exc})") from None
-    differing = [key for key in SHARED_SETTINGS if recorded.get(key) != str(getattr(args, key))]
+    differing = [key for key in SHARED_SETTINGS
+                 if recorded.get(key, ADDED_SETTINGS.get(key)) != str(getattr(args, key))]
     if differing:
         raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
     return earlier
@@ -233,6 +237,7 @@ def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int) 
     """The shared settings of every run; only the method, learning rate and length vary."""
     return RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=steps, batch_size=args.batch_size,
                         seqlen=args.seqlen, lr=lr, seed=args.seed, lora_rank_equivalent=args.lora_rank_equivalent,
+                        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
                         update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
                         drop_rate=args.drop_rate, init=args.init, gradient_checkpointing=args.gradient_checkpointing,
                         device="cpu")
@@ -249,6 +254,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--lora-rank-equivalent", type=int, default=8)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="for every method")
+    parser.add_argument("--max-grad-norm", type=float, help="gradient clipping for every method (default: none)")
     parser.add_argument("--update-interval", type=int, default=10)
     parser.add_argument("--accumulation-steps", type=int, default=3)
     parser.add_argument("--drop-rate", type=float, default=RepairConfig.drop_rate, help="SEFT's p0")

@@ -10,8 +10,8 @@ import pytest
 from seftkit.bench.repair_compare import SHARED_SETTINGS, reusable_runs, reused_run
 
 SETTINGS = dict(model="smollm2-135m", sparsity=0.7, calib_samples=32, steps=100, batch_size=4, seqlen=128,
-                lora_rank_equivalent=8, gradient_checkpointing=False, eval_seqlen=512, eval_windows=40,
-                eval_tasks="piqa,arc_easy", eval_limit=200, seed=0)
+                lora_rank_equivalent=8, warmup_steps=0, max_grad_norm=None, gradient_checkpointing=False,
+                eval_seqlen=512, eval_windows=40, eval_tasks="piqa,arc_easy", eval_limit=200, seed=0)
 
 
 def _earlier(tmp_path, **changed):
@@ -41,3 +41,14 @@ def test_refuses_an_earlier_run_with_other_shared_settings(tmp_path):
     with pytest.raises(ValueError, match="not a readable"):
         reusable_runs(tmp_path / "missing.json", argparse.Namespace(**SETTINGS))
     assert set(SETTINGS) == set(SHARED_SETTINGS)
+
+
+def test_results_from_before_warmup_and_clipping_were_shared_count_as_run_without_them(tmp_path):
+    path = _earlier(tmp_path)
+    recorded = json.loads(path.read_text())
+    for key in ("warmup_steps", "max_grad_norm"):
+        del recorded["args"][key]
+    path.write_text(json.dumps(recorded))
+    assert reusable_runs(path, argparse.Namespace(**SETTINGS))["dense"] == {"test_ppl": 42.0}
+    with pytest.raises(ValueError, match="differ in warmup_steps, max_grad_norm"):
+        reusable_runs(path, argparse.Namespace(**{**SETTINGS, "warmup_steps": 10, "max_grad_norm": 1.0}))
