@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -157,6 +158,24 @@ def test_applied_delta_is_the_effective_weight_and_restores_w_even_on_error(dtyp
         assert (effective.data_ptr() == weight.data_ptr()) == (dtype == weight.dtype)  # in place when it can be
         raise ZeroDivisionError
     assert torch.equal(weight, before)
+
+
+def test_a_weight_shared_with_an_unwrapped_linear_still_backpropagates():
+    """The delta is written into W for each matmul; an ordinary op that saved the same W for its backward must
+    neither see the write nor fail autograd's in-place check (W.data carries no version)."""
+    torch.manual_seed(0)
+    linear, plain = nn.Linear(IN, IN), nn.Linear(IN, IN)
+    plain.weight = linear.weight
+    wrapped = SparseDeltaLinear(linear, torch.arange(K))
+    plain.requires_grad_(False)
+    with torch.no_grad():
+        wrapped.values.normal_()
+    x = torch.randn(2, IN, requires_grad=True)
+    wrapped(plain(x)).sum().backward()
+    reference_x = x.detach().clone().requires_grad_(True)
+    effective = effective_weight(linear.weight, wrapped.indices, wrapped.values, torch.float32)
+    (F.linear(F.linear(reference_x, linear.weight.detach(), plain.bias), effective, linear.bias)).sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad)
 
 
 def test_frozen_base_active_mask_and_replace_module():

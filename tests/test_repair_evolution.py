@@ -82,6 +82,12 @@ def test_equal_scores_at_the_cut_go_to_the_lower_positions(size):
     assert bottom_positions(-scores, 4).tolist() == [0, 1, 2, size // 2]
 
 
+def test_a_nan_score_does_not_shrink_a_selection():
+    scores = torch.arange(100, dtype=torch.float32)
+    scores[50] = math.nan
+    assert top_positions(scores, 10).numel() == 10 and bottom_positions(scores, 10).numel() == 10
+
+
 def test_candidates_accumulate_only_their_positions():
     candidates = Candidates.at(torch.tensor([1, 4]))
     candidates.add(torch.tensor([[1.0, -2.0, 3.0], [4.0, -5.0, 6.0]]))

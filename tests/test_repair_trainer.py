@@ -141,6 +141,37 @@ def test_max_grad_norm_clips_the_trainable_gradient_before_the_step(method, tiny
     assert moved[None] > 0.5 * 1e-2 and moved[1e-12] < 1e-4 * moved[None]
 
 
+@pytest.mark.parametrize("method", ["seft", "seft-no-revive"])
+def test_a_budget_close_to_the_active_set_keeps_every_invariant(method, tiny_text_file):
+    """k = 90% of the active set and every slot replaced at first: fewer eligible positions than candidates wanted,
+    so every capped count in candidate selection matters (too high a count regrows slots or leaves the active set,
+    which the per-update invariant check stops)."""
+    model, tokenizer = pruned_llama()
+    before = {name: int((w != 0).sum()) for name, w in weights(model).items()}
+    repair_model(model, tokenizer, config(method, tiny_text_file, delta_density=0.45, lora_rank_equivalent=None,
+                                          update_interval=2, drop_rate=1.0, checkpoint_every=None), progress=False)
+    after = {name: int((w != 0).sum()) for name, w in weights(model).items()}
+    assert all(after[name] <= before[name] for name in before)  # revived weights that ended at 0 stay 0
+
+
+def test_a_topology_update_that_breaks_the_invariants_stops_the_run(tiny_text_file, monkeypatch):
+    """Candidate selection derives its eligible counts from |active| = target nnz and k unique slots inside the
+    active set, so an update that breaks them must stop the run, not go on choosing from the wrong positions."""
+    from seftkit.repair import seft
+
+    evolve = seft.evolve_layer
+
+    def losing_an_active_weight(indices, magnitudes, active, *args):
+        step = evolve(indices, magnitudes, active, *args)
+        active[torch.nonzero(active).flatten()[0]] = False
+        return step
+
+    monkeypatch.setattr(seft, "evolve_layer", losing_an_active_weight)
+    model, tokenizer = pruned_llama()
+    with pytest.raises(RuntimeError, match="broke .* topology invariants"):
+        repair_model(model, tokenizer, config("seft", tiny_text_file, checkpoint_every=None), progress=False)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"steps": 0}, "--steps must be at least 1"),
     ({"lr": float("nan")}, "--lr must be a positive number"),

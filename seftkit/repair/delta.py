@@ -19,7 +19,7 @@ tensor, 1 byte per weight): the positions allowed to be non-zero, which SEFT evo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -30,7 +30,8 @@ from seftkit.models import linear_weight
 from seftkit.repair.sharding import full_linear_weight, write_linear_weight, zero_linear_weight
 
 GradHook = Callable[[torch.Tensor, torch.Tensor], None]
-"""Called in backward as ``hook(dW, T)`` with the transient dense [out, in] weight gradient and effective weight."""
+"""Called in backward as ``hook(dW, T)`` with the transient dense [out, in] weight gradient and the effective weight
+(often the frozen weight itself with the delta written in, see :func:`applied_delta`: read it, never write it)."""
 
 _INT32_LIMIT = 2**31
 
@@ -76,13 +77,15 @@ def applied_delta(
     Where ``W`` can hold exactly what :func:`effective_weight` would compute (same dtype, contiguous), the sum
     is written into ``W`` itself at the k slots and the k base values are put back on exit, also on an error:
     O(k) work instead of copying the matrix twice per layer and step (~8% of a SmolLM2 step on CPU). The
-    values seen inside are bit-identical to the copy's. Otherwise the block gets a fresh copy.
+    values seen inside are bit-identical to the copy's. Otherwise the block gets a fresh copy. The writes go
+    through ``W.data``, which autograd does not version: another op that saved the same (shared) weight for
+    its backward still finds it unchanged, as it is once the block ends.
     """
     if weight.dtype != dtype or not weight.is_contiguous():
         yield effective_weight(weight, indices, values, dtype)
         return
     idx = indices.long()
-    flat = weight.view(-1)
+    flat = weight.data.view(-1)
     base = flat.index_select(0, idx)
     wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
     flat.index_copy_(0, idx, (base.to(wide) + values.to(wide)).to(dtype))
@@ -123,7 +126,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         grad_y = grad_y.to(x.dtype)
         hook = ctx.grad_hook
         grad_x = grad_bias = grad_values = None
-        with applied_delta(ctx.weight, indices, values, x.dtype) as effective:
+        needs_weight = need_x or hook is not None  # the weight gradient alone needs no T
+        with applied_delta(ctx.weight, indices, values, x.dtype) if needs_weight else nullcontext() as effective:
             if need_x:
                 grad_x = grad_y.matmul(effective)
             if need_values or hook is not None:

@@ -98,14 +98,15 @@ def _extreme_indices(flat: torch.Tensor, count: int, largest: bool) -> torch.Ten
         picks = min(sample.numel(), count * 5 // (4 * SAMPLE_STRIDE) + 16)
         edge = torch.topk(sample, picks, largest=largest, sorted=False).values
         passing = torch.nonzero(flat >= edge.min() if largest else flat <= edge.max()).flatten()
-        if passing.numel() >= count:
+        if passing.numel() >= count:  # (NaN scores never pass: they are left to the path below)
             order = torch.sort(flat[passing], descending=largest, stable=True).indices[:count]
             return passing[order]
-    cut = torch.topk(flat, count, largest=largest, sorted=False).values
-    cut = cut.min() if largest else cut.max()
+    top = torch.topk(flat, count, largest=largest, sorted=False)
+    cut = top.values.min() if largest else top.values.max()
     beyond = torch.nonzero(flat > cut if largest else flat < cut).flatten()
     at_cut = torch.nonzero(flat == cut).flatten()[: count - beyond.numel()]
-    return torch.cat([beyond, at_cut])
+    picks = torch.cat([beyond, at_cut])
+    return picks if picks.numel() == count else top.indices  # a NaN score defeats the comparisons
 
 
 @dataclass

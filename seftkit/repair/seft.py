@@ -294,7 +294,6 @@ class SeftMethod(RepairMethod):
     def _evolve(self, window: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Drop/grow/adapt every layer with the candidates accumulated for ``window``; returns the event."""
         counts = _Counts()
-        nnz_ok = True
         for layer in self.layers:
             module = layer.module
             if layer.window != window:
@@ -314,7 +313,12 @@ class SeftMethod(RepairMethod):
                 self._clear(layer, step.removed)
             layer.window, layer.grow, layer.sensitivity = None, None, None
             counts.add(step)
-            nnz_ok &= int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
+            # the invariants candidate selection relies on (it derives eligible counts from them): a bug if broken
+            if not (int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
+                    and bool(module.active.view(-1)[indices].all())):
+                raise RuntimeError(f"SEFT update {window} broke {layer.name}'s topology invariants (|active| = "
+                                   "target nnz, k unique slots inside the active set); this is a bug, please report "
+                                   "it")
         topology = {}
         for layer in self.layers:
             topology[f"{layer.name} slots"] = layer.module.indices
@@ -324,7 +328,7 @@ class SeftMethod(RepairMethod):
             self._totals.add(counts)
             self._boundaries += 1
         log.debug("SEFT update at %s: %s", window, counts)
-        return {**dataclasses.asdict(counts), "nnz_ok": nnz_ok}
+        return dataclasses.asdict(counts)
 
     @staticmethod
     def _restart_slots(optimizer: torch.optim.Optimizer, layer: _Layer, slots: torch.Tensor) -> None:
