@@ -62,10 +62,15 @@ def effective_weight(
     result = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     result.copy_(weight)
     idx = indices.long()
-    base = gather_flat(weight, idx)
-    wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
-    result.view(-1).index_copy_(0, idx, (base.to(wide) + values.to(wide)).to(dtype))
+    result.view(-1).index_copy_(0, idx, _slot_sums(gather_flat(weight, idx), values, dtype))
     return result
+
+
+def _slot_sums(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``base + values`` formed in at least fp32 and rounded once to ``dtype`` (both ways of applying the delta
+    use this, so they agree bit for bit)."""
+    wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
+    return (base.to(wide) + values.to(wide)).to(dtype)
 
 
 @contextmanager
@@ -87,8 +92,7 @@ def applied_delta(
     idx = indices.long()
     flat = weight.data.view(-1)
     base = flat.index_select(0, idx)
-    wide = torch.promote_types(torch.promote_types(dtype, values.dtype), torch.float32)
-    flat.index_copy_(0, idx, (base.to(wide) + values.to(wide)).to(dtype))
+    flat.index_copy_(0, idx, _slot_sums(base, values, dtype))
     try:
         yield weight
     finally:
