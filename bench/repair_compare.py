@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from seftkit.data import DEFAULT_HELDOUT_TEXT, DEFAULT_TRAIN_TEXT
+from seftkit.errors import SeftkitError
 from seftkit.repair.config import METHODS, RepairConfig
+from seftkit.repair.trainer import check_config, make_method
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 BASELINES = ("lora-prune", "masked-lora", "static")
@@ -281,6 +283,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
+    try:  # the trainer's own checks, before any work (a bad setting would otherwise fail every run in turn)
+        for method in methods:
+            for lr in lrs:
+                config = repair_config(args, method, lr, args.steps)
+                check_config(config)
+                make_method(config)
+    except SeftkitError as exc:
+        parser.error(str(exc))
     evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "eval_limit": args.eval_limit,
                   "eval_tasks": [t.strip() for t in args.eval_tasks.split(",") if t.strip()]}
     try:

@@ -52,3 +52,17 @@ def test_results_from_before_warmup_and_clipping_were_shared_count_as_run_withou
     assert reusable_runs(path, argparse.Namespace(**SETTINGS))["dense"] == {"test_ppl": 42.0}
     with pytest.raises(ValueError, match="differ in warmup_steps, max_grad_norm"):
         reusable_runs(path, argparse.Namespace(**{**SETTINGS, "warmup_steps": 10, "max_grad_norm": 1.0}))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number"),
+    (["--methods", "seft", "--drop-rate", "2"], "--drop-rate must be in"),
+])
+def test_bad_repair_settings_stop_the_bench_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    monkeypatch.setattr("sys.argv", ["repair_compare", *flags, "--workdir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as exit_info:
+        repair_compare.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
