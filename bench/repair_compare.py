@@ -19,10 +19,15 @@ Protocol (every number comes from this one run):
   for every run beside perplexity but never used to pick the learning rate.
 A diverged run (NaN loss) is listed in the sweep and loses the selection.
 
+``--extra-seeds 1,2`` repeats each method at its chosen learning rate with those seeds (data order, LoRA
+initialisation, SEFT's random choices) and adds the mean and spread of test perplexity over every seed: single
+runs of these methods differ by several perplexity points from one seed to the next, more than the methods differ
+from one another.
+
 ``--reuse EARLIER.json`` takes the dense and pruned evaluations and the baselines' sweep runs (lora-prune,
 masked-lora, static: nothing of SEFT's code or settings reaches them) from an earlier ``--json`` whose shared
 settings (model, pruning, data, steps, batch, budget, evaluation, seed) are identical, and marks them
-"reused"; SEFT's runs and every memory run are always measured anew.
+"reused" (their extra-seed runs too); SEFT's runs and every memory run are always measured anew.
 """
 
 from __future__ import annotations
@@ -156,12 +161,24 @@ def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]
 
 
 def reused_run(earlier: dict[str, Any], method: str, lr: float) -> dict[str, Any] | None:
-    """A baseline's run at ``lr`` from the earlier result (its memory run dropped: memory is measured anew)."""
+    """A baseline's run at ``lr`` from the earlier result (its memory run and extra seeds dropped: memory is
+    measured anew, seeds are looked up one by one with :func:`reused_seed_run`)."""
     if method not in BASELINES:
         return None
     for run in earlier.get("sweep", {}).get(method, []):
         if run["lr"] == lr and "error" not in run:
-            return {**{k: v for k, v in run.items() if k != "memory"}, "reused": True}
+            return {**{k: v for k, v in run.items() if k not in ("memory", "seeds")}, "reused": True}
+    return None
+
+
+def reused_seed_run(earlier: dict[str, Any], method: str, lr: float, seed: int) -> dict[str, Any] | None:
+    """A baseline's extra-seed run at ``lr`` and ``seed`` from the earlier result, if it has one that succeeded."""
+    if method not in BASELINES:
+        return None
+    for run in earlier.get("sweep", {}).get(method, []):
+        for extra in run.get("seeds", []) if run["lr"] == lr else []:
+            if extra["seed"] == seed and "error" not in extra:
+                return {**extra, "reused": True}
     return None
 
 
@@ -226,6 +243,36 @@ def format_table(dense: dict, pruned: dict, best: dict[str, dict | None]) -> lis
     return lines
 
 
+def seed_values(run: dict[str, Any], seed: int) -> tuple[dict[int, float], list[int]]:
+    """Test perplexity by seed of a method's chosen run (at ``seed``) and its extra-seed runs, and the seeds
+    whose runs failed or diverged."""
+    values, failed = {seed: run["test_ppl"]}, []
+    for extra in run.get("seeds", []):
+        if "error" in extra or not math.isfinite(extra["test_ppl"]):
+            failed.append(extra["seed"])
+        else:
+            values[extra["seed"]] = extra["test_ppl"]
+    return values, failed
+
+
+def format_seeds(dense: dict, pruned: dict, best: dict[str, dict | None], seed: int) -> list[str]:
+    """Per method with extra seeds: test perplexity at every seed, mean +- sample sd, gap closed by the mean."""
+    gap = pruned["test_ppl"] - dense["test_ppl"]
+    lines = []
+    for name, run in best.items():
+        if not run or not run.get("seeds"):
+            continue
+        values, failed = seed_values(run, seed)
+        mean = sum(values.values()) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values.values()) / max(len(values) - 1, 1))
+        cells = ", ".join(f"{s}: {v:.2f}" for s, v in values.items())
+        lines.append(f"  {name:<16}mean {mean:8.2f} +- {sd:5.2f}  gap closed {(pruned['test_ppl'] - mean) / gap:6.1%}"
+                     f"  ({cells})" + (f"  failed seeds: {', '.join(map(str, failed))}" if failed else ""))
+    if not lines:
+        return []
+    return ["", f"over seeds (test ppl at each method's chosen lr, seed {seed} first; sd: sample):", *lines]
+
+
 def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["learning-rate sweep (val ppl; the lowest is used):"]
     for name, runs in sweep.items():
@@ -235,10 +282,12 @@ def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int) -> RepairConfig:
-    """The shared settings of every run; only the method, learning rate and length vary."""
+def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int, seed: int | None = None
+                  ) -> RepairConfig:
+    """The shared settings of every run; only the method, learning rate, length and (extra runs) seed vary."""
     return RepairConfig(method=method, data=DEFAULT_TRAIN_TEXT, steps=steps, batch_size=args.batch_size,
-                        seqlen=args.seqlen, lr=lr, seed=args.seed, lora_rank_equivalent=args.lora_rank_equivalent,
+                        seqlen=args.seqlen, lr=lr, seed=args.seed if seed is None else seed,
+                        lora_rank_equivalent=args.lora_rank_equivalent,
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
                         update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
                         drop_rate=args.drop_rate, init=args.init, gradient_checkpointing=args.gradient_checkpointing,
@@ -267,7 +316,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per held-out half")
     parser.add_argument("--eval-tasks", default="piqa,arc_easy", help="zero-shot tasks ('' for none)")
     parser.add_argument("--eval-limit", type=int, default=200, help="questions per task")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the sweep's seed")
+    parser.add_argument("--extra-seeds", default="", help="comma-separated seeds to repeat each method's chosen run "
+                        "with (mean and spread of test ppl)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     parser.add_argument("--reuse", type=Path, help="an earlier --json: reuse its dense/pruned and baseline runs")
@@ -283,6 +334,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
+    try:
+        extra_seeds = [int(x) for x in args.extra_seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--extra-seeds {args.extra_seeds!r}: expected comma-separated integers")
+    if args.seed in extra_seeds or len(set(extra_seeds)) < len(extra_seeds):
+        parser.error("--extra-seeds must be distinct and differ from --seed")
     try:  # the trainer's own checks, before any work (a bad setting would otherwise fail every run in turn)
         for method in methods:
             for lr in lrs:
@@ -311,13 +368,22 @@ def main() -> None:
                   f"val ppl {run['val_ppl']:.3f}, {run['step_time_s']:.2f} s/step"), file=sys.stderr, flush=True)
     best = {method: pick_best(runs) for method, runs in sweep.items()}
     for method, run in best.items():
+        for seed in extra_seeds if run is not None else []:
+            config = repair_config(args, method, run["lr"], args.steps, seed)
+            extra = reused_seed_run(earlier, method, run["lr"], seed) or {
+                "seed": seed, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
+            run.setdefault("seeds", []).append(extra)
+            print(f"{method} seed {seed}: " + (extra["error"] if "error" in extra else
+                  f"test ppl {extra['test_ppl']:.3f}"), file=sys.stderr, flush=True)
+    for method, run in best.items():
         if run is not None:
             config = repair_config(args, method, run["lr"], args.update_interval + 1)
             run["memory"] = run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), "evaluate": False},
                                     env=ALLOCATOR_ENV)
             outcome = run["memory"].get("error") or f"{run['memory']['peak_rss_mb']:.0f} MB peak"
             print(f"{method} memory: {outcome}", file=sys.stderr, flush=True)
-    print("\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best)]))
+    print("\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best),
+                     *format_seeds(dense, pruned, best, args.seed)]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "dense": dense,

@@ -57,6 +57,8 @@ def test_results_from_before_warmup_and_clipping_were_shared_count_as_run_withou
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number"),
     (["--methods", "seft", "--drop-rate", "2"], "--drop-rate must be in"),
+    (["--extra-seeds", "1,x"], "--extra-seeds '1,x': expected comma-separated integers"),
+    (["--extra-seeds", "0,1"], "--extra-seeds must be distinct and differ from --seed"),
 ])
 def test_bad_repair_settings_stop_the_bench_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
     from seftkit.bench import repair_compare
@@ -66,3 +68,33 @@ def test_bad_repair_settings_stop_the_bench_before_any_work(flags, message, tmp_
         repair_compare.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_extra_seed_runs_of_baselines_are_reused_by_seed_and_never_for_seft(tmp_path):
+    from seftkit.bench.repair_compare import reused_seed_run
+
+    path = _earlier(tmp_path)
+    recorded = json.loads(path.read_text())
+    seeds = [{"seed": 1, "test_ppl": 90.0}, {"seed": 2, "error": "loss is nan"}]
+    for method in ("masked-lora", "seft"):
+        recorded["sweep"][method][0]["seeds"] = seeds
+    path.write_text(json.dumps(recorded))
+    earlier = reusable_runs(path, argparse.Namespace(**SETTINGS))
+    assert reused_seed_run(earlier, "masked-lora", 0.003, 1) == {"seed": 1, "test_ppl": 90.0, "reused": True}
+    assert reused_seed_run(earlier, "masked-lora", 0.003, 2) is None  # failed: measured again
+    assert reused_seed_run(earlier, "masked-lora", 0.01, 1) is None
+    assert reused_seed_run(earlier, "seft", 0.003, 1) is None
+    assert "seeds" not in reused_run(earlier, "masked-lora", 0.003)
+
+
+def test_seed_summary_gives_mean_sample_sd_and_gap_closed_and_names_failed_seeds():
+    from seftkit.bench.repair_compare import format_seeds
+
+    best = {"seft": {"test_ppl": 80.0, "seeds": [{"seed": 1, "test_ppl": 90.0}, {"seed": 2, "test_ppl": 100.0},
+                                                 {"seed": 3, "test_ppl": float("nan")}]},
+            "static": {"test_ppl": 70.0}, "lora-prune": None}
+    lines = format_seeds({"test_ppl": 40.0}, {"test_ppl": 790.0}, best, seed=0)
+    assert len(lines) == 3  # a title and seft's row; static ran one seed only, lora-prune failed
+    assert "mean    90.00 +- 10.00" in lines[2] and "gap closed  93.3%" in lines[2]
+    assert "(0: 80.00, 1: 90.00, 2: 100.00)  failed seeds: 3" in lines[2]
+    assert format_seeds({"test_ppl": 40.0}, {"test_ppl": 790.0}, {"static": {"test_ppl": 70.0}}, seed=0) == []
