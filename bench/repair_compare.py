@@ -264,13 +264,64 @@ def format_seeds(dense: dict, pruned: dict, best: dict[str, dict | None], seed: 
             continue
         values, failed = seed_values(run, seed)
         mean = sum(values.values()) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values.values()) / max(len(values) - 1, 1))
         cells = ", ".join(f"{s}: {v:.2f}" for s, v in values.items())
-        lines.append(f"  {name:<16}mean {mean:8.2f} +- {sd:5.2f}  gap closed {(pruned['test_ppl'] - mean) / gap:6.1%}"
-                     f"  ({cells})" + (f"  failed seeds: {', '.join(map(str, failed))}" if failed else ""))
+        paired = ""
+        if name != PAIRED_REFERENCE and (ref := best.get(PAIRED_REFERENCE)) and ref.get("seeds"):
+            ref_values = seed_values(ref, seed)[0]
+            diffs = [ref_values[s] - v for s, v in values.items() if s in ref_values]
+            paired = f"  {PAIRED_REFERENCE} minus this, same seeds: {_mean_sd(diffs)} (n={len(diffs)})"
+        lines.append(f"  {name:<16}mean {_mean_sd(list(values.values()))}  gap closed "
+                     f"{(pruned['test_ppl'] - mean) / gap:6.1%}  ({cells})" + paired
+                     + (f"  failed seeds: {', '.join(map(str, failed))}" if failed else ""))
     if not lines:
         return []
     return ["", f"over seeds (test ppl at each method's chosen lr, seed {seed} first; sd: sample):", *lines]
+
+
+PAIRED_REFERENCE = "seft"
+"""Methods with extra seeds are also compared with SEFT seed by seed: a seed fixes the data order for every
+method, so the paired difference is free of the part of the spread that the data order causes for all."""
+
+
+def _mean_sd(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return f"{mean:8.2f} +- {sd:5.2f}"
+
+
+COMBINE_FREE = ("methods", "lrs", "extra_seeds", "json", "reuse", "workdir", "worker", "result", "combine")
+"""Arguments that may differ between the saved results ``--combine`` prints as one comparison."""
+
+
+def combined_results(paths: list[Path]) -> dict[str, Any]:
+    """Saved ``--json`` results of one protocol run in parts, as one (the first file's dense and pruned runs);
+    ValueError (one line) for unreadable files, other settings, or a method present in two files."""
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+            if not isinstance(result["args"], dict) or not isinstance(result["sweep"], dict):
+                raise TypeError("its args and sweep are not objects")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--combine {path}: not a readable repair_compare --json result ({exc})") from None
+        results.append(result)
+    first, sweep = results[0], {}
+    for path, result in zip(paths, results, strict=True):
+        keys = (set(first["args"]) | set(result["args"])) - set(COMBINE_FREE)
+        differing = sorted(k for k in keys if first["args"].get(k) != result["args"].get(k))
+        if differing:
+            raise ValueError(f"--combine {path}: its settings differ from {paths[0]}'s in {', '.join(differing)}")
+        for method, runs in result["sweep"].items():
+            if method in sweep:
+                raise ValueError(f"--combine {path}: {method} is in two of the files")
+            sweep[method] = runs
+    return {"args": first["args"], "dense": first["dense"], "pruned": first["pruned"], "sweep": sweep}
+
+
+def format_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str, Any]]], seed: int) -> str:
+    best = {method: pick_best(runs) for method, runs in sweep.items()}
+    return "\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best),
+                      *format_seeds(dense, pruned, best, seed)])
 
 
 def format_sweep(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -322,11 +373,20 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-repair"))
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     parser.add_argument("--reuse", type=Path, help="an earlier --json: reuse its dense/pruned and baseline runs")
+    parser.add_argument("--combine", help="comma-separated --json results of one protocol, run in parts (e.g. a "
+                        "method at a time): print them as one comparison and run nothing")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.result.write_text(json.dumps(worker(json.loads(args.worker.read_text()))))
+        return
+    if args.combine:
+        try:
+            saved = combined_results([Path(p) for p in args.combine.split(",") if p.strip()])
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(format_report(saved["dense"], saved["pruned"], saved["sweep"], int(saved["args"]["seed"])))
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -382,8 +442,7 @@ def main() -> None:
                                     env=ALLOCATOR_ENV)
             outcome = run["memory"].get("error") or f"{run['memory']['peak_rss_mb']:.0f} MB peak"
             print(f"{method} memory: {outcome}", file=sys.stderr, flush=True)
-    print("\n".join([*format_sweep(sweep), "", *format_table(dense, pruned, best),
-                     *format_seeds(dense, pruned, best, args.seed)]))
+    print(format_report(dense, pruned, sweep, args.seed))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "dense": dense,

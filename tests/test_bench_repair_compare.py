@@ -98,3 +98,40 @@ def test_seed_summary_gives_mean_sample_sd_and_gap_closed_and_names_failed_seeds
     assert "mean    90.00 +- 10.00" in lines[2] and "gap closed  93.3%" in lines[2]
     assert "(0: 80.00, 1: 90.00, 2: 100.00)  failed seeds: 3" in lines[2]
     assert format_seeds({"test_ppl": 40.0}, {"test_ppl": 790.0}, {"static": {"test_ppl": 70.0}}, seed=0) == []
+
+
+def test_seed_summary_pairs_every_method_with_seft_seed_by_seed():
+    from seftkit.bench.repair_compare import format_seeds
+
+    best = {"seft": {"test_ppl": 80.0, "seeds": [{"seed": 1, "test_ppl": 90.0}, {"seed": 2, "test_ppl": 100.0}]},
+            "masked-lora": {"test_ppl": 82.0, "seeds": [{"seed": 1, "test_ppl": 94.0},
+                                                        {"seed": 2, "error": "loss is nan"}]}}
+    lines = format_seeds({"test_ppl": 40.0}, {"test_ppl": 790.0}, best, seed=0)
+    assert "same seeds" not in lines[2]
+    assert "seft minus this, same seeds:    -3.00 +-  1.41 (n=2)" in lines[3]  # seeds 0 and 1: -2, -4
+
+
+def test_combine_prints_parts_of_one_protocol_as_one_comparison(tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    base = {"args": {**{k: str(v) for k, v in SETTINGS.items()}, "update_interval": "10"},
+            "dense": {"test_ppl": 40.0}, "pruned": {"test_ppl": 790.0}}
+    run = {"lr": 0.003, "val_ppl": 95.0, "test_ppl": 92.0, "trainable": 10, "step_time_s": 2.0}
+    parts = {"a.json": {"masked-lora": [{**run, "lr": 0.01}]}, "b.json": {"seft": [run], "seft-no-revive": [run]},
+             "c.json": {"seft": [run]}}
+    for name, sweep in parts.items():
+        (tmp_path / name).write_text(json.dumps({**base, "sweep": sweep}))
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--combine", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"])
+    repair_compare.main()
+    table = capsys.readouterr().out
+    assert all(f"{name:<16}" in table for name in ("masked-lora", "seft", "seft-no-revive"))
+    assert "92.000" in table and "1e-02" in table
+
+    with pytest.raises(ValueError, match="seft is in two of the files"):
+        repair_compare.combined_results([tmp_path / "b.json", tmp_path / "c.json"])
+    other = {**base, "args": {**base["args"], "update_interval": "20"}, "sweep": {}}
+    (tmp_path / "d.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="differ from .*a.json's in update_interval"):
+        repair_compare.combined_results([tmp_path / "a.json", tmp_path / "d.json"])
+    with pytest.raises(ValueError, match="not a readable"):
+        repair_compare.combined_results([tmp_path / "a.json", tmp_path / "missing.json"])
