@@ -296,6 +296,8 @@ COMBINE_FREE = ("methods", "lrs", "extra_seeds", "json", "reuse", "workdir", "wo
 def combined_results(paths: list[Path]) -> dict[str, Any]:
     """Saved ``--json`` results of one protocol run in parts, as one (the first file's dense and pruned runs);
     ValueError (one line) for unreadable files, other settings, or a method present in two files."""
+    if not paths:
+        raise ValueError("--combine needs at least one --json result")
     results = []
     for path in paths:
         try:

@@ -135,3 +135,5 @@ def test_combine_prints_parts_of_one_protocol_as_one_comparison(tmp_path, monkey
         repair_compare.combined_results([tmp_path / "a.json", tmp_path / "d.json"])
     with pytest.raises(ValueError, match="not a readable"):
         repair_compare.combined_results([tmp_path / "a.json", tmp_path / "missing.json"])
+    with pytest.raises(ValueError, match="needs at least one"):
+        repair_compare.combined_results([])
