@@ -263,14 +263,15 @@ def format_seeds(dense: dict, pruned: dict, best: dict[str, dict | None], seed: 
         if not run or not run.get("seeds"):
             continue
         values, failed = seed_values(run, seed)
-        mean = sum(values.values()) / len(values)
+        mean, sd = _mean_sd(list(values.values()))
         cells = ", ".join(f"{s}: {v:.2f}" for s, v in values.items())
         paired = ""
         if name != PAIRED_REFERENCE and (ref := best.get(PAIRED_REFERENCE)) and ref.get("seeds"):
             ref_values = seed_values(ref, seed)[0]
             diffs = [ref_values[s] - v for s, v in values.items() if s in ref_values]
-            paired = f"  {PAIRED_REFERENCE} minus this, same seeds: {_mean_sd(diffs)} (n={len(diffs)})"
-        lines.append(f"  {name:<16}mean {_mean_sd(list(values.values()))}  gap closed "
+            paired = (f"  {PAIRED_REFERENCE} minus this, same seeds: {_format_mean_sd(*_mean_sd(diffs))}"
+                      f" (n={len(diffs)})")
+        lines.append(f"  {name:<16}mean {_format_mean_sd(mean, sd)}  gap closed "
                      f"{(pruned['test_ppl'] - mean) / gap:6.1%}  ({cells})" + paired
                      + (f"  failed seeds: {', '.join(map(str, failed))}" if failed else ""))
     if not lines:
@@ -283,9 +284,13 @@ PAIRED_REFERENCE = "seft"
 method, so the paired difference is free of the part of the spread that the data order causes for all."""
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+def _format_mean_sd(mean: float, sd: float) -> str:
     return f"{mean:8.2f} +- {sd:5.2f}"
 
 
