@@ -10,10 +10,12 @@ import torch
 from seftkit.repair.evolution import (
     SAMPLE_STRIDE,
     Candidates,
+    Rules,
     bottom_positions,
     candidate_count,
     drop_fraction,
     evolve_layer,
+    is_in,
     smallest_slots,
     top_positions,
 )
@@ -36,8 +38,8 @@ def test_drop_fraction_schedules():
         drop_fraction(1, 10, 0.2, "step")
 
 
-def test_candidate_count_is_twice_plus_margin_capped_by_availability():
-    assert candidate_count(10, 1000) == 36
+def test_candidate_count_is_five_times_plus_margin_capped_by_availability():
+    assert candidate_count(10, 1000) == 66
     assert candidate_count(10, 20) == 20
     assert candidate_count(0, 5) == 5
 
@@ -97,6 +99,16 @@ def test_candidates_accumulate_only_their_positions():
     assert candidates.ranked(descending=False).tolist() == [1, 4]
 
 
+def test_signed_candidates_rank_by_the_magnitude_of_the_summed_gradient():
+    candidates = Candidates.at(torch.tensor([0, 1, 2]), signed=True)
+    candidates.add(torch.tensor([[3.0, 2.0, -1.5]]))
+    candidates.add(torch.tensor([[-3.0, 2.0, -1.5]]))  # position 0 oscillates: |sum| = 0 despite |g| = 3
+    assert candidates.scores.tolist() == [0.0, 4.0, -3.0]
+    assert candidates.ranked().tolist() == [1, 2, 0]
+    restored = Candidates.from_state(candidates.state_dict())
+    assert restored.signed and torch.equal(restored.ranked(), candidates.ranked())
+
+
 def test_grow_takes_the_largest_accumulated_non_slots():
     indices = torch.tensor([0, 3, 5, 9])
     magnitudes = torch.tensor([0.5, 0.01, 0.02, 0.7])  # slots 1 and 2 (positions 3 and 5) are dropped
@@ -109,12 +121,25 @@ def test_grow_takes_the_largest_accumulated_non_slots():
     assert active.all()
 
 
-def test_grow_reuses_dropped_positions_when_candidates_run_out():
+@pytest.mark.parametrize("keep_regrown", [True, False])
+def test_grow_reuses_dropped_positions_when_candidates_run_out(keep_regrown):
     indices = torch.tensor([0, 3, 5])
     step = evolve_layer(indices, torch.tensor([0.1, 0.2, 0.3]), torch.ones(8, dtype=torch.bool),
-                        _candidates({7: 1.0}), n=2)
-    assert indices.tolist() == [7, 0, 5]
-    assert step.repurposed.tolist() == [0, 1]
+                        _candidates({7: 1.0}), n=2, rules=Rules(keep_regrown=keep_regrown))
+    if keep_regrown:  # slot 0's position 0 is picked again: it stays, only slot 1 moves
+        assert indices.tolist() == [0, 7, 5]
+        assert step.repurposed.tolist() == [1] and step.regrown == 1
+    else:
+        assert indices.tolist() == [7, 0, 5]
+        assert step.repurposed.tolist() == [0, 1] and step.regrown == 0
+
+
+def test_a_dropped_slot_picked_again_keeps_its_slot_when_keeping_regrown():
+    indices = torch.tensor([2, 4, 6])
+    grow = _candidates({4: 5.0, 1: 3.0, 6: 0.1})  # 4 is dropped but is the best candidate; 6 is dropped, weak
+    step = evolve_layer(indices, torch.tensor([0.9, 0.1, 0.2]), torch.ones(8, dtype=torch.bool), grow, n=2)
+    assert indices.tolist() == [2, 4, 1]
+    assert step.repurposed.tolist() == [2] and step.regrown == 1
 
 
 def test_adapt_removes_smallest_sensitivity_never_a_grown_position():
@@ -172,8 +197,60 @@ def test_initial_choice_is_the_top_k_then_adapt():
     assert int(active.sum()) == 4
 
 
+def test_a_free_place_is_reclaimed_even_when_growth_revives_nothing():
+    # position 6 was revived earlier (base 0, active, slot 1); its slot is dropped and growth only picks inside
+    # the active set: the weakest inside pick moves to the best candidate outside it, so 6's place is refilled
+    active = torch.tensor([True, True, True, False, False, False, True, False])
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    indices = torch.tensor([0, 6])
+    grow = _candidates({1: 2.0, 7: 0.5})
+    step = evolve_layer(indices, torch.tensor([0.9, 0.1]), active, grow, 1, _candidates({2: 0.1}), base)
+    assert indices.tolist() == [0, 7]
+    assert (step.revived, step.emptied, step.removed.tolist()) == (1, 1, [6])
+    assert active.nonzero().flatten().tolist() == [0, 1, 2, 7]
+
+
+def test_a_free_place_without_outside_candidates_is_picked_again():
+    active = torch.tensor([True, True, True, False, False, False, True, False])
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    indices = torch.tensor([0, 6])
+    step = evolve_layer(indices, torch.tensor([0.9, 0.1]), active, _candidates({1: 2.0}), 1,
+                        _candidates({2: 0.1}), base, Rules(keep_regrown=False))
+    assert indices.tolist() == [0, 6]  # back on its own place (restarted at 0), which stays active
+    assert (step.revived, step.emptied, step.removed.numel()) == (0, 0, 0)
+    assert step.repurposed.tolist() == [1]
+    assert int(active.sum()) == 4
+
+
+def test_row_eviction_balances_each_row():
+    # 2 rows of 4; row 0 active at 0..2, row 1 at 4..5. Growth revives 7 (row 1): row 1 must give up one
+    active = torch.tensor([True, True, True, False, True, True, False, False])
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    indices = torch.tensor([0, 4])
+    sensitivity = _candidates({1: 0.01, 5: 0.2, 2: 0.3})  # 1 is least sensitive but sits in row 0
+    evolve_layer(indices, torch.tensor([0.9, 0.1]), active, _candidates({7: 3.0}), 1, sensitivity, base,
+                 Rules(row_width=4))
+    assert indices.tolist() == [0, 7]
+    assert active.nonzero().flatten().tolist() == [0, 1, 2, 4, 7]  # 5 left, row counts 3 and 2 kept
+    active = torch.tensor([True, True, True, False, True, True, False, False])
+    evolve_layer(torch.tensor([0, 4]), torch.tensor([0.9, 0.1]), active, _candidates({7: 3.0}), 1, sensitivity,
+                 base)
+    assert active.nonzero().flatten().tolist() == [0, 2, 4, 5, 7]  # per matrix: 1 leaves row 0
+
+
+def test_row_eviction_falls_back_to_the_smallest_weight_of_a_row_without_candidates():
+    active = torch.tensor([True, True, True, False, True, True, True, False])
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.5, 5.0, 0.0]])
+    indices = torch.tensor([0, 4])
+    evolve_layer(indices, torch.tensor([0.9, 0.1]), active, _candidates({7: 3.0}), 1, _candidates({1: 0.01}),
+                 base, Rules(row_width=4))
+    assert active.nonzero().flatten().tolist() == [0, 1, 2, 4, 6, 7]  # row 1's smallest |W| (5) made room
+
+
+@pytest.mark.parametrize("rules", [Rules(), Rules(keep_regrown=False), Rules(row_width=16)],
+                         ids=["matrix", "restart-regrown", "row"])
 @pytest.mark.parametrize("revive", [True, False])
-def test_random_rounds_keep_k_slots_and_the_active_count(revive):
+def test_random_rounds_keep_k_slots_the_active_count_and_no_empty_active_place(revive, rules):
     torch.manual_seed(0)
     rows, cols, k = 8, 16, 20
     weight = torch.randn(rows, cols)
@@ -182,28 +259,34 @@ def test_random_rounds_keep_k_slots_and_the_active_count(revive):
     base = weight * active.reshape(rows, cols)  # pruned; adapt zeroes what it removes, as SEFT does
     target = int(active.sum())
     indices = torch.nonzero(active).flatten()[torch.randperm(target)[:k]]
-    for _ in range(6):
+    emptied = 0
+    for _ in range(12):
         grad = torch.randn(rows, cols)
-        n = 5
+        n = 8
         eligible = torch.ones(rows * cols, dtype=torch.bool)
         eligible[indices] = False
         inside = top_positions(grad.abs(), candidate_count(n, target), eligible & active)
         if revive:
             anywhere = top_positions(grad.abs(), candidate_count(n, rows * cols), eligible)
-            grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
-            sensitivity = Candidates.at(bottom_positions((base * grad).abs(), candidate_count(n, target), active))
+            grow = Candidates.at(torch.unique(torch.cat([anywhere, inside, indices])))
+            sensitivity = Candidates.at(bottom_positions((base * grad).abs(), 6, active))
             sensitivity.add(base * grad)
         else:
-            grow = Candidates.at(inside)
+            grow = Candidates.at(torch.unique(torch.cat([inside, indices])))
             sensitivity = None
         grow.add(grad)
-        step = evolve_layer(indices, torch.rand(k), active, grow, n, sensitivity, base)
+        step = evolve_layer(indices, torch.rand(k), active, grow, n, sensitivity, base, rules)
         base.view(-1)[step.removed] = 0
+        emptied += step.emptied
         assert indices.numel() == k and indices.unique().numel() == k
         assert int(active.sum()) == target
         assert active[indices].all()
+        # an active position with base 0 is a revived weight: it must hold a slot, or the merge would lose it
+        assert is_in(torch.nonzero(active & (base.view(-1) == 0)).flatten(), indices).all()
+        if rules.row_width:
+            assert torch.equal(active.reshape(rows, cols).sum(1), start.reshape(rows, cols).sum(1))
     if revive:
-        assert (active & ~start).any()
+        assert (active & ~start).any() and emptied > 0
     else:
         assert torch.equal(active, start)
         assert nm_valid(active.reshape(rows, cols).float(), 2, 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from seftkit.repair.optimizer import SlotAdamW
 
@@ -46,3 +47,12 @@ def test_a_restarted_entry_moves_like_a_fresh_adam_parameter_and_the_others_keep
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="invalid SlotAdamW"):
         SlotAdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+def test_lr_scale_multiplies_each_elements_step():
+    param = nn.Parameter(torch.zeros(3))
+    optimizer = SlotAdamW([param], lr=0.1)
+    optimizer.set_lr_scale(param, torch.tensor([1.0, 2.0, 0.5]))
+    param.grad = torch.tensor([1.0, -1.0, 1.0])
+    optimizer.step()  # Adam's first step moves every element by lr (times its scale) against the gradient's sign
+    torch.testing.assert_close(param.detach(), torch.tensor([-0.1, 0.2, -0.05]))

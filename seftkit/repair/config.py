@@ -38,6 +38,14 @@ class RepairConfig:
     # "random" seeded random positions inside the active set.
     init: str = "grad-active"
     revive: bool = True  # False for seft-no-revive: growth confined to the active set
+    # A dropped slot that growth picks again keeps its value and Adam state (SpIEL); False restarts it at 0.
+    keep_regrown: bool = True
+    # Eviction balances revivals "matrix"-wide or per output "row" (every row keeps its nnz, as Wanda prunes).
+    eviction: str = "matrix"
+    # Growth ranks candidates by "sum-abs" (sum over the window of |g|) or "abs-sum" (|sum of g|, SpIEL).
+    grow_score: str = "sum-abs"
+    # Learning-rate multiplier for slots on revived (base-0) positions: they start from 0, kept weights do not.
+    revived_lr_scale: float = 1.0
     # target sparsity pattern: None keeps each layer's current nnz; nm keeps N:M
     nm: str | None = None
     include: str | None = None

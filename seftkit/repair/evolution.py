@@ -21,7 +21,7 @@ import torch
 
 from seftkit.repair.delta import gather_flat
 
-CANDIDATE_FACTOR = 2
+CANDIDATE_FACTOR = 5
 CANDIDATE_MARGIN = 16
 
 
@@ -39,8 +39,9 @@ def drop_fraction(t: int, total: int, p0: float, schedule: str) -> float:
 
 
 def candidate_count(n: int, available: int) -> int:
-    """How many positions to track for ``n`` picks: twice as many plus a margin, so the ranking can still
-    change over the window and the picks that later steps exclude (adapt) never run out."""
+    """How many positions to track for ``n`` picks: five times as many plus a margin, so the ranking can still
+    change over the window (the first pass alone fixes the candidates) and the picks that later steps exclude
+    (adapt) never run out."""
     return min(available, CANDIDATE_FACTOR * n + CANDIDATE_MARGIN)
 
 
@@ -111,32 +112,39 @@ def _extreme_indices(flat: torch.Tensor, count: int, largest: bool) -> torch.Ten
 
 @dataclass
 class Candidates:
-    """Positions fixed at the first pass of a window, and their scores summed over the window's passes."""
+    """Positions fixed at the first pass of a window, and their scores summed over the window's passes.
+
+    ``signed`` candidates sum the gradient itself and rank by the magnitude of the sum (SpIEL's |sum of g|:
+    a position whose gradient keeps its sign beats one that oscillates); otherwise they sum magnitudes."""
 
     positions: torch.Tensor  # int64, sorted ascending, unique
     scores: torch.Tensor  # fp32, same length
+    signed: bool = False
 
     @classmethod
-    def at(cls, positions: torch.Tensor) -> Candidates:
-        return cls(positions, torch.zeros(positions.numel(), dtype=torch.float32, device=positions.device))
+    def at(cls, positions: torch.Tensor, signed: bool = False) -> Candidates:
+        scores = torch.zeros(positions.numel(), dtype=torch.float32, device=positions.device)
+        return cls(positions, scores, signed)
 
     def add(self, dense: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        """Add ``|dense * scale|`` gathered at the candidate positions (``dense``/``scale`` shaped [out, in])."""
+        """Add ``dense * scale`` (its magnitude unless signed) gathered at the candidate positions (``dense`` and
+        ``scale`` shaped [out, in])."""
         gathered = dense.reshape(-1)[self.positions].float()
         if scale is not None:
             gathered = gathered * scale.reshape(-1)[self.positions].float()
-        self.scores += gathered.abs()
+        self.scores += gathered if self.signed else gathered.abs()
 
     def ranked(self, descending: bool = True) -> torch.Tensor:
-        """Positions by score (largest first unless ``descending=False``), ties by position."""
-        return self.positions[_sorted_order(self.scores, descending)]
+        """Positions by score magnitude (largest first unless ``descending=False``), ties by position."""
+        return self.positions[_sorted_order(self.scores.abs(), descending)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"positions": self.positions, "scores": self.scores}
+        return {"positions": self.positions, "scores": self.scores,
+                "signed": torch.tensor(self.signed)}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Candidates:
-        return cls(state["positions"], state["scores"])
+        return cls(state["positions"], state["scores"], bool(state.get("signed", False)))
 
 
 def is_in(positions: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
@@ -163,12 +171,26 @@ class EvolutionStep:
     removed: torch.Tensor  # positions taken out of the active set (their base weight must become 0)
     dropped: int
     grown: int
+    regrown: int = 0  # dropped slots that growth picked again: they keep their value and optimizer state
     revived: int = 0  # grown positions that were outside the active set
-    emptied: int = 0  # removed because the drop left them at exactly 0 (a revived weight whose delta was dropped)
+    emptied: int = 0  # active positions the drop left at exactly 0 (revived weights whose delta was dropped)
 
     @property
     def removed_by_sensitivity(self) -> int:
         return int(self.removed.numel()) - self.emptied
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How a topology update chooses (see SEFT-SPEC.md; each is a RepairConfig option).
+
+    ``keep_regrown``: a dropped slot that growth picks again keeps its value and optimizer state (SpIEL), instead
+    of restarting at 0. ``row_width``: adapt balances revivals and evictions within each output row of this
+    width (every row keeps its nnz, as Wanda prunes); None balances over the whole matrix.
+    """
+
+    keep_regrown: bool = True
+    row_width: int | None = None
 
 
 def evolve_layer(
@@ -179,20 +201,23 @@ def evolve_layer(
     n: int,
     sensitivity: Candidates | None = None,
     base_weight: torch.Tensor | None = None,
+    rules: Rules = Rules(),
 ) -> EvolutionStep:
     """One topology update of one layer, in place on ``indices`` (int64 slot positions) and ``active`` (flat).
 
     1. DROP the ``n`` slots with the smallest ``magnitudes`` (|d|).
-    2. GROW them at the ``n`` best ``grow`` candidates (largest accumulated |dW|; the candidates are non-slot
-       positions, chosen inside ``active`` unless reviving). Should the candidates run out (tiny layers), the
-       dropped positions themselves are reused, so ``|I| = k`` always holds.
-    3. ADAPT (only with ``sensitivity``): the r grown positions outside ``active`` join it and r active
-       positions leave it, those of smallest sensitivity |T * g|, never one grown in this step. T is taken
-       after the drop: dropped positions where ``base_weight`` (the frozen [out, in] weight) is 0 now have
-       T = 0 exactly (a revived weight whose delta was dropped), so they go first; then the candidates with
-       the smallest sensitivity accumulated over the window. Slots sitting
-       on removed positions move to the best remaining candidates inside ``active`` (or, failing those, to
-       dropped positions that are still active), so ``|active|`` and ``|I|`` are unchanged.
+    2. GROW ``n`` slots at the best ``grow`` candidates that are not surviving slots (largest accumulated
+       gradient; inside ``active`` unless reviving). Should the candidates run out (tiny layers), the dropped
+       positions themselves are reused, so ``|I| = k`` always holds.
+    3. ADAPT (only with ``sensitivity``, i.e. when reviving): a dropped position whose base weight is 0 and
+       that growth did not pick again now holds nothing (a revived weight whose delta was dropped): it is
+       *emptied* and leaves ``active``, a free place. Revivals (grown positions outside ``active``) join it:
+       first into the free places, then each further one evicts the active position of smallest sensitivity
+       |T * g| (never one grown in this step). Should the free places outnumber the revivals, the weakest
+       grown picks inside ``active`` move to the best candidates outside it (failing those, back onto the free
+       places), so every layer keeps exactly its nnz and no active position is left holding nothing. With
+       ``rules.row_width`` all of this balances within each output row. Slots sitting on evicted positions
+       move to the best remaining candidates inside ``active``.
 
     With ``n = k`` and magnitudes all equal this is also SEFT's initial slot choice.
     """
@@ -201,38 +226,155 @@ def evolve_layer(
     dropped_slots = torch.sort(smallest_slots(magnitudes, n)).values
     dropped_positions = indices[dropped_slots].clone()
     ranked = grow.ranked()
-    pool = torch.cat([ranked, first_not_in(dropped_positions, ranked, n)])
+    pool = torch.cat([ranked, first_not_in(dropped_positions, ranked)])
     survivors = _others(indices, dropped_slots)
-    grown = first_not_in(pool, survivors, n)
-    indices[dropped_slots] = grown
+    picks = first_not_in(pool, survivors, n)
     step = EvolutionStep(dropped_slots, _empty_like(indices), dropped=n, grown=n)
-    if sensitivity is None:
-        return step
-
-    revived = grown[~active[grown]]
-    step.revived = int(revived.numel())
-    if not step.revived:
-        return step
-    active[revived] = True
-    emptied = dropped_positions[:0]
-    if base_weight is not None:
-        emptied = dropped_positions[gather_flat(base_weight, dropped_positions) == 0]
-    removal_order = torch.cat([emptied, first_not_in(sensitivity.ranked(descending=False), emptied)])
-    removable = first_not_in(removal_order, grown, step.revived)
-    if removable.numel() < step.revived:
-        raise RuntimeError("sensitivity candidates ran out; candidate_count must cover the grown positions")
-    step.emptied = int(is_in(removable, emptied).sum())
-    active[removable] = False
-    step.removed = torch.sort(removable).values
-    displaced_slots = torch.nonzero(is_in(indices, removable)).flatten()
-    if displaced_slots.numel():
-        refill_pool = pool[active[pool]]
-        refill = first_not_in(refill_pool, indices, displaced_slots.numel())
-        if refill.numel() < displaced_slots.numel():
-            raise RuntimeError("no active position left to refill displaced slots; k must not exceed |active|")
-        indices[displaced_slots] = refill
-        step.repurposed = torch.unique(torch.cat([dropped_slots, displaced_slots]))
+    if sensitivity is not None:
+        empty_dropped = dropped_positions[:0]
+        if base_weight is not None:
+            empty_dropped = dropped_positions[gather_flat(base_weight, dropped_positions) == 0]
+        picks = _fill_free_places(picks, pool, survivors, empty_dropped, active, rules.row_width)
+        free = first_not_in(empty_dropped, picks)
+        revived = picks[~active[picks]]
+        active[free] = False
+        active[revived] = True
+        evicted = _evict(revived, free, picks, survivors, active, sensitivity, base_weight, rules.row_width)
+        active[evicted] = False
+        unbalanced = _count_groups(revived, rules.row_width, active) - _count_groups(free, rules.row_width, active) \
+            - _count_groups(evicted, rules.row_width, active)
+        if int(unbalanced.sum()):  # rows too full of picks to give up enough: their weakest revivals are undone
+            picks, revived = _undo_revivals(unbalanced, picks, revived, survivors, pool, active, rules.row_width)
+        step.revived, step.emptied = int(revived.numel()), int(free.numel())
+        step.removed = torch.sort(torch.cat([free, evicted])).values
+    _assign(indices, dropped_slots, dropped_positions, picks, rules.keep_regrown, step)
+    if step.removed.numel():
+        displaced_slots = torch.nonzero(is_in(indices, step.removed)).flatten()
+        if displaced_slots.numel():
+            refill = first_not_in(pool[active[pool]], indices, displaced_slots.numel())
+            if refill.numel() < displaced_slots.numel():
+                raise RuntimeError("no active position left to refill displaced slots; k must not exceed |active|")
+            indices[displaced_slots] = refill
+            step.repurposed = torch.unique(torch.cat([step.repurposed, displaced_slots]))
     return step
+
+
+def _assign(indices: torch.Tensor, dropped_slots: torch.Tensor, dropped_positions: torch.Tensor,
+            picks: torch.Tensor, keep_regrown: bool, step: EvolutionStep) -> None:
+    """Put the ``picks`` into the dropped slots: with ``keep_regrown`` a slot whose position was picked again
+    stays (value and optimizer state kept) and the others take the new picks in rank order."""
+    if keep_regrown:
+        regrown = is_in(dropped_positions, picks)
+        moving = dropped_slots[~regrown]
+        indices[moving] = first_not_in(picks, dropped_positions)
+        step.repurposed, step.regrown = moving, int(regrown.sum())
+    else:
+        indices[dropped_slots] = picks
+        step.repurposed = dropped_slots
+
+
+def _groups(positions: torch.Tensor, row_width: int | None) -> torch.Tensor:
+    """The balancing group of each flat position: its row, or 0 for the whole matrix."""
+    return positions // row_width if row_width else torch.zeros_like(positions)
+
+
+def _count(groups: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.bincount(groups, minlength=size)[:size] if groups.numel() else groups.new_zeros(size)
+
+
+def _count_groups(positions: torch.Tensor, row_width: int | None, active: torch.Tensor) -> torch.Tensor:
+    """How many of ``positions`` fall in each balancing group of a layer with the flat mask ``active``."""
+    return _count(_groups(positions, row_width), int(active.numel() // row_width) if row_width else 1)
+
+
+def _undo_revivals(excess: torch.Tensor, picks: torch.Tensor, revived: torch.Tensor, survivors: torch.Tensor,
+                   pool: torch.Tensor, active: torch.Tensor, row_width: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take the ``excess[g]`` weakest revivals of each group g back out of the active set; their picks move to
+    active positions that hold no slot (best candidates first), which leaves every group's count unchanged."""
+    weakest_first = revived.flip(0)
+    undone = weakest_first[_within_quota(weakest_first, row_width, excess)]
+    active[undone] = False
+    taken = torch.cat([picks, survivors])
+    reservoir = first_not_in(pool[active[pool]], taken)
+    if reservoir.numel() < undone.numel():
+        reservoir = torch.cat([reservoir, first_not_in(torch.nonzero(active).flatten(), torch.cat([taken, reservoir]))])
+    picks = picks.clone()
+    picks[is_in(picks, undone)] = reservoir[: undone.numel()]
+    return picks, revived[~is_in(revived, undone)]
+
+
+def _within_quota(positions: torch.Tensor, row_width: int | None, quota: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``positions`` (in priority order) that are among the first ``quota[g]`` of their group g."""
+    if not positions.numel():
+        return torch.zeros(0, dtype=torch.bool, device=positions.device)
+    groups = _groups(positions, row_width)
+    order = torch.argsort(groups, stable=True)
+    ordered = groups[order]
+    first = torch.searchsorted(ordered, ordered)  # index of the first member of each one's group
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - first
+    return rank < quota[groups]
+
+
+def _fill_free_places(picks: torch.Tensor, pool: torch.Tensor, survivors: torch.Tensor, empty_dropped: torch.Tensor,
+                      active: torch.Tensor, row_width: int | None) -> torch.Tensor:
+    """Make the revivals among ``picks`` cover the free places of every group (see :func:`evolve_layer`)."""
+    free = first_not_in(empty_dropped, picks)
+    if not free.numel():
+        return picks
+    need = _count_groups(free, row_width, active) - _count_groups(picks[~active[picks]], row_width, active)
+    deficit = need.clamp(min=0)
+    if not int(deficit.sum()):
+        return picks
+    # what fills a deficit: the best unpicked candidates outside the active set, then the free places themselves
+    outside = first_not_in(pool[~active[pool]], torch.cat([picks, survivors]))
+    fill_pool = torch.cat([outside, free])
+    fills = fill_pool[_within_quota(fill_pool, row_width, deficit)]
+    # what gives way, weakest first: picks inside the active set that are not free places picked again, then
+    # revivals of groups that have more than they need
+    backwards = picks.flip(0)
+    inside = backwards[active[backwards] & ~is_in(backwards, empty_dropped)]
+    outside_picks = backwards[~active[backwards]]
+    spare = outside_picks[_within_quota(outside_picks, row_width, (-need).clamp(min=0))]
+    givers = torch.cat([inside, spare])[: fills.numel()]
+    if givers.numel() < fills.numel():
+        raise RuntimeError("too few grown picks to fill the free places; this is a bug, please report it")
+    picks = picks.clone()
+    picks[is_in(picks, givers)] = fills[: givers.numel()]
+    return picks
+
+
+def _evict(revived: torch.Tensor, free: torch.Tensor, picks: torch.Tensor, survivors: torch.Tensor,
+           active: torch.Tensor, sensitivity: Candidates, base_weight: torch.Tensor | None,
+           row_width: int | None) -> torch.Tensor:
+    """The active positions to remove so that revivals beyond the free places are balanced, group by group:
+    smallest accumulated sensitivity first, never a position grown in this step."""
+    quota = (_count_groups(revived, row_width, active) - _count_groups(free, row_width, active)).clamp(min=0)
+    if not int(quota.sum()):
+        return _empty_like(picks)
+    order = sensitivity.ranked(descending=False)
+    order = first_not_in(order[active[order]], picks)
+    evicted = order[_within_quota(order, row_width, quota)]
+    short = quota - _count_groups(evicted, row_width, active)
+    if int(short.sum()):  # a row whose candidates ran out gives up its smallest |W| that holds no slot
+        if base_weight is None or row_width is None:
+            raise RuntimeError("sensitivity candidates ran out; candidate_count must cover the grown positions")
+        protected = torch.cat([picks, survivors, evicted])
+        evicted = torch.cat([evicted, _smallest_in_rows(short, active, base_weight, protected)])
+    return evicted
+
+
+def _smallest_in_rows(short: torch.Tensor, active: torch.Tensor, base_weight: torch.Tensor,
+                      excluded: torch.Tensor) -> torch.Tensor:
+    """For each row r with ``short[r] > 0``: its ``short[r]`` active positions of smallest |W| not ``excluded``."""
+    width = base_weight.shape[1]
+    picked = []
+    for row in torch.nonzero(short).flatten().tolist():
+        span = torch.arange(row * width, (row + 1) * width, device=active.device)
+        eligible = active[span] & ~is_in(span, excluded)
+        picked.append(span[bottom_positions(base_weight[row].abs(), int(short[row]), eligible)])
+    return torch.cat(picked)
 
 
 def _others(indices: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,16 @@ class SlotAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 # torch's AdamW formula, with the bias corrections per element
                 denom = state["exp_avg_sq"].sqrt().div_((1 - torch.pow(beta2, age)).sqrt_()).add_(eps)
-                param.addcdiv_(state["exp_avg"] / (1 - torch.pow(beta1, age)), denom, value=-lr)
+                step = state["exp_avg"] / (1 - torch.pow(beta1, age))
+                if "lr_scale" in state:
+                    step.mul_(state["lr_scale"])
+                param.addcdiv_(step, denom, value=-lr)
         return loss
+
+    @torch.no_grad()
+    def set_lr_scale(self, param: torch.Tensor, scale: torch.Tensor) -> None:
+        """Multiply the learning rate of each element of ``param`` by ``scale`` (same shape) from now on."""
+        self._state(param)["lr_scale"] = scale.to(device=param.device, dtype=torch.float32)
 
     @torch.no_grad()
     def restart(self, param: torch.Tensor, entries: torch.Tensor) -> None:

@@ -39,6 +39,7 @@ from seftkit.repair.delta import SparseDeltaLinear, gather_flat, replace_module
 from seftkit.repair.evolution import (
     Candidates,
     EvolutionStep,
+    Rules,
     bottom_positions,
     candidate_count,
     drop_fraction,
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 INIT_WINDOW = -1  # the accumulation window of the initial slot choice, before step 0
 INIT_MODES = ("grad", "grad-active", "random")
+EVICTIONS = ("matrix", "row")
+GROW_SCORES = ("sum-abs", "abs-sum")
 GRADIENT_INITS = ("grad", "grad-active")
 
 
@@ -79,6 +82,12 @@ def check_config(config: RepairConfig) -> None:
         raise SeftkitError(f"unknown --drop-schedule {config.drop_schedule!r}: use {', '.join(DROP_SCHEDULES)}")
     if config.init not in INIT_MODES:
         raise SeftkitError(f"unknown --init {config.init!r}: use {', '.join(INIT_MODES)}")
+    if config.eviction not in EVICTIONS:
+        raise SeftkitError(f"unknown --eviction {config.eviction!r}: use {', '.join(EVICTIONS)}")
+    if config.grow_score not in GROW_SCORES:
+        raise SeftkitError(f"unknown --grow-score {config.grow_score!r}: use {', '.join(GROW_SCORES)}")
+    if not (config.revived_lr_scale > 0 and math.isfinite(config.revived_lr_scale)):
+        raise SeftkitError(f"--revived-lr-scale must be a positive number, got {config.revived_lr_scale}")
     if config.delta_density is not None and not 0.0 < config.delta_density <= 1.0:
         raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
     if config.delta_density is None and config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
@@ -114,12 +123,13 @@ class _Counts:
 
     dropped: int = 0
     grown: int = 0
+    regrown: int = 0  # dropped slots picked again by growth (kept their values with keep_regrown)
     revived: int = 0
-    emptied: int = 0  # dead revived weights (delta dropped, base 0) that made room for new revivals
+    emptied: int = 0  # dead revived weights (delta dropped, base 0) reclaimed as free places for revivals
     removed_by_sensitivity: int = 0
 
     def add(self, other: _Counts | EvolutionStep) -> None:
-        for name in ("dropped", "grown", "revived", "emptied", "removed_by_sensitivity"):
+        for name in ("dropped", "grown", "regrown", "revived", "emptied", "removed_by_sensitivity"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -142,6 +152,7 @@ class SeftMethod(RepairMethod):
         self._totals = _Counts()
         self._boundaries = 0
         self._merged = False
+        self._optimizer: SlotAdamW | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------
 
@@ -182,7 +193,8 @@ class SeftMethod(RepairMethod):
     def make_optimizer(self, lr: float, weight_decay: float) -> SlotAdamW:
         """Adam with per-slot bias correction: repurposed slots restart as fresh Adam parameters (see
         :mod:`seftkit.repair.optimizer`)."""
-        return SlotAdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+        self._optimizer = SlotAdamW(self.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+        return self._optimizer
 
     def init_passes(self) -> int:
         return self.config.accumulation_steps if self.config.init in GRADIENT_INITS else 0
@@ -194,6 +206,8 @@ class SeftMethod(RepairMethod):
         self._set_window(None)
         self.init_event = self._evolve(INIT_WINDOW, optimizer=None)  # before any step: no optimizer state yet
         self._init_pending = False
+        if self._optimizer is not None:
+            self._scale_revived_slots(self._optimizer)
 
     def before_backward(self, step: int) -> None:
         if self._init_pending:
@@ -275,19 +289,21 @@ class SeftMethod(RepairMethod):
             magnitude.index_fill_(0, layer.module.indices.long(), -math.inf)
             taken = layer.k
         inside_scores = torch.where(active, magnitude, -math.inf)
-        inside = top_positions(inside_scores, candidate_count(n, layer.target_nnz - taken))
+        grow = [top_positions(inside_scores, candidate_count(n, layer.target_nnz - taken))]
+        if taken and self.config.keep_regrown:  # every slot competes too, so a dropped one can be picked again
+            grow.append(layer.module.indices.long())
+        layer.sensitivity = None
         if self._revives_at(window):
             # anywhere for growth, plus the best inside the active set to refill slots that adapt displaces
-            anywhere = top_positions(magnitude, candidate_count(n, magnitude.numel() - taken))
-            layer.grow = Candidates.at(torch.unique(torch.cat([anywhere, inside])))
+            grow.append(top_positions(magnitude, candidate_count(n, magnitude.numel() - taken)))
             sensitivity = inside_scores  # reuse the buffer: |T * g| where active, +inf elsewhere
             torch.mul(effective.reshape(-1).float(), dense_grad.reshape(-1).float(), out=sensitivity).abs_()
             sensitivity.masked_fill_(~active, math.inf)
-            lowest = bottom_positions(sensitivity, candidate_count(n, layer.target_nnz))
-            layer.sensitivity = Candidates.at(lowest)
-        else:
-            layer.grow = Candidates.at(inside)
-            layer.sensitivity = None
+            lowest = [bottom_positions(sensitivity, candidate_count(n, layer.target_nnz))]
+            if self.config.eviction == "row":
+                lowest.append(_lowest_per_row(sensitivity.view(effective.shape), n, active))
+            layer.sensitivity = Candidates.at(torch.unique(torch.cat(lowest)))
+        layer.grow = Candidates.at(torch.unique(torch.cat(grow)), signed=self.config.grow_score == "abs-sum")
         layer.window = window
 
     @torch.no_grad()
@@ -304,7 +320,7 @@ class SeftMethod(RepairMethod):
             grow, sensitivity = layer.grow, layer.sensitivity
             indices = module.indices.long()
             step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow,
-                                self._grow_count(layer, window), sensitivity, module.weight)
+                                self._grow_count(layer, window), sensitivity, module.weight, self._rules(layer))
             module.indices.copy_(indices)
             module.values[step.repurposed] = 0
             if optimizer is not None:
@@ -324,11 +340,30 @@ class SeftMethod(RepairMethod):
             topology[f"{layer.name} slots"] = layer.module.indices
             topology[f"{layer.name} active set"] = layer.module.active
         check_same_across_ranks(f"SEFT's topology after update {window}", topology)
+        if optimizer is not None:
+            self._scale_revived_slots(optimizer)
         if window != INIT_WINDOW:
             self._totals.add(counts)
             self._boundaries += 1
         log.debug("SEFT update at %s: %s", window, counts)
         return dataclasses.asdict(counts)
+
+    def _rules(self, layer: _Layer) -> Rules:
+        row_width = layer.module.in_features if self.config.eviction == "row" else None
+        return Rules(keep_regrown=self.config.keep_regrown, row_width=row_width)
+
+    def _scale_revived_slots(self, optimizer: torch.optim.Optimizer) -> None:
+        """Slots on revived positions (base weight 0) learn ``revived_lr_scale`` times faster: they start from
+        0 where kept weights start from their pruned-model value."""
+        if self.config.revived_lr_scale == 1.0 or not self.revive:
+            return
+        if not isinstance(optimizer, SlotAdamW):
+            raise TypeError("SEFT scales single slots; train it with the optimizer from make_optimizer()")
+        for layer in self.layers:
+            module = layer.module
+            revived = gather_flat(module.weight, module.indices) == 0
+            scale = torch.where(revived, self.config.revived_lr_scale, 1.0).float()
+            optimizer.set_lr_scale(module.values, scale)
 
     @staticmethod
     def _restart_slots(optimizer: torch.optim.Optimizer, layer: _Layer, slots: torch.Tensor) -> None:
@@ -396,6 +431,16 @@ class SeftMethod(RepairMethod):
             "init": self.init_event,
             "layers": layers,
         }
+
+
+def _lowest_per_row(sensitivity: torch.Tensor, n: int, active: torch.Tensor) -> torch.Tensor:
+    """Flat positions of each row's least sensitive active weights, enough that row-balanced eviction rarely
+    runs out (``sensitivity`` [out, in] with +inf outside the active set)."""
+    rows, width = sensitivity.shape
+    count = candidate_count(-(-n // rows), width)
+    lowest = torch.topk(sensitivity, count, dim=1, largest=False).indices
+    flat = (lowest + torch.arange(rows, device=lowest.device)[:, None] * width).flatten()
+    return flat[active[flat]]
 
 
 def _clone_state(candidates: Candidates) -> dict[str, torch.Tensor]:
