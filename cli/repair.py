@@ -37,6 +37,16 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.option("--init", "init", type=click.Choice(("grad-active", "grad", "random")), default="grad-active",
               show_default=True, help="SEFT: initial slots from accumulated gradients (anywhere, or only inside "
               "the active set), or at random.")
+@click.option("--keep-regrown/--restart-regrown", default=True, show_default=True,
+              help="SEFT: a dropped slot that growth picks again keeps its value and Adam state (SpIEL), or "
+              "restarts at 0.")
+@click.option("--eviction", type=click.Choice(("matrix", "row")), default="matrix", show_default=True,
+              help="SEFT: revived weights evict the least sensitive active weights of the whole matrix, or of "
+              "their own output row (every row keeps its nnz).")
+@click.option("--grow-score", type=click.Choice(("sum-abs", "abs-sum")), default="sum-abs", show_default=True,
+              help="SEFT: rank growth candidates by the window's sum of |g|, or by |sum of g| (SpIEL).")
+@click.option("--revived-lr-scale", type=float, default=1.0, show_default=True,
+              help="SEFT: learning-rate multiplier for slots on revived (pruned) positions.")
 @click.option("--nm", help="Keep an N:M pattern (the input must already have it), e.g. 2:4.")
 @click.option("--include", help="Regex of weight names to repair (replaces the default decoder-block rule).")
 @click.option("--exclude", help="Regex of weight names to leave untouched.")
