@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from seftkit.cli.common import device_option, handle_errors, json_option, write_report
-from seftkit.data import DEFAULT_HELDOUT_TEXT
+from seftkit.data import DEFAULT_HELDOUT_TEXT, TASK_MIXES
 from seftkit.eval.tasks import DEFAULT_TASKS, TASKS
 
 
@@ -15,10 +15,11 @@ from seftkit.eval.tasks import DEFAULT_TASKS, TASKS
               f"folder [default: {DEFAULT_HELDOUT_TEXT} when --tasks is not given].")
 @click.option("--seqlen", type=int, default=512, show_default=True,
               help="Perplexity window length (capped to the model's maximum positions).")
-@click.option("--tasks", help=f"Comma-separated multiple-choice tasks, e.g. {','.join(DEFAULT_TASKS[:3])}; "
-              f"choose from: {', '.join(TASKS)}.")
-@click.option("--split", type=click.Choice(["train", "heldout"]),
-              help="Score only the train or heldout part of each task [default: all validation questions].")
+@click.option("--tasks", help=f"Multiple-choice tasks, comma- or +-separated, e.g. {','.join(DEFAULT_TASKS[:3])}; "
+              f"choose from: {', '.join(TASKS)}; or a mix: {', '.join(TASK_MIXES)}.")
+@click.option("--split", type=click.Choice(["train", "heldout", "fit", "val"]),
+              help="Score only one part of each task: heldout (what repair never trains on), train, or train's "
+                   "val / fit parts [default: all validation questions].")
 @click.option("--limit", type=int, help="At most this many questions per task (the first ones), for quick looks.")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Perplexity windows or questions per forward pass.")

@@ -14,8 +14,11 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.command()
 @click.argument("model")
 @click.option("--data", default=DEFAULT_TRAIN_TEXT, show_default=True,
-              help="Training data: text (file, JSONL, Arrow, olmo:lambada:train) or a task (olmo:piqa ...), "
-                   "trained on its train split with loss on the answer only.")
+              help="Training data: text (file, JSONL, Arrow, olmo:lambada:train) or multiple-choice tasks "
+                   "(olmo:piqa, olmo:boolq+piqa, olmo:commonsense8 for the eight-task commonsense mix), trained on "
+                   "their train split with loss on the answer only.")
+@click.option("--max-per-task", type=int,
+              help="Task data: train on a seeded sample of at most N questions per task [default: all].")
 @click.option("--method", type=click.Choice(METHODS), default="seft", show_default=True)
 @click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -51,7 +54,8 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.option("--include", help="Regex of weight names to repair (replaces the default decoder-block rule).")
 @click.option("--exclude", help="Regex of weight names to leave untouched.")
 @click.option("--eval-ppl", help="Perplexity data before and after, e.g. olmo:lambada:heldout.")
-@click.option("--eval-tasks", help="Comma-separated tasks scored before and after on their heldout split.")
+@click.option("--eval-tasks", help="Tasks scored before and after on their heldout split (comma- or +-separated, "
+              "or olmo:commonsense8).")
 @click.option("--eval-limit", type=int, help="Questions per task.")
 @device_option
 @click.option("--dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True,

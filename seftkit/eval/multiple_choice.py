@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class TaskResult:
-    """Accuracy of one task; ``stderr`` is acc's standard error, sqrt(p(1-p)/(n-1)) as lm-eval reports it."""
+    """Accuracy of one task; ``stderr`` is acc's standard error, sqrt(p(1-p)/(n-1)) as lm-eval reports it.
+
+    ``gold_loglik`` is the mean summed log-likelihood of the correct option (smoother than accuracy: it moves
+    before the argmax flips); ``chance`` the accuracy of guessing, the mean of 1 / options. ``correct`` and
+    ``correct_norm`` (0/1 per question, in the task's order) are kept only when asked for, for paired tests.
+    """
 
     task: str
     acc: float
@@ -41,6 +46,10 @@ class TaskResult:
     stderr: float
     acc_norm_stderr: float
     n: int
+    gold_loglik: float = math.nan
+    chance: float = math.nan
+    correct: list[int] | None = None
+    correct_norm: list[int] | None = None
 
 
 @dataclass
@@ -199,9 +208,11 @@ def score_multiple_choice(
     batch_size: int = 8,
     task: str = "",
     progress: bool = True,
+    per_question: bool = False,
 ) -> TaskResult:
     """``acc`` picks the option with the highest log-likelihood; ``acc_norm`` divides it by the option's
-    character length first (lm-eval's normalisation, which stops long answers from being penalised)."""
+    character length first (lm-eval's normalisation, which stops long answers from being penalised).
+    ``per_question`` keeps each question's 0/1 outcomes in the result."""
     if not items:
         raise SeftkitError(f"task {task or '(unnamed)'} has no questions to score")
     lls = loglikelihoods(model, tokenizer, items, batch_size, progress, desc=task or "scoring")
@@ -212,4 +223,9 @@ def score_multiple_choice(
     ]
     n = len(items)
     acc, acc_norm = sum(hits) / n, sum(norm_hits) / n
-    return TaskResult(task, acc, acc_norm, accuracy_stderr(acc, n), accuracy_stderr(acc_norm, n), n)
+    gold = sum(ll[item.gold] for ll, item in zip(lls, items, strict=True)) / n
+    chance = sum(1 / len(item.choices) for item in items) / n
+    result = TaskResult(task, acc, acc_norm, accuracy_stderr(acc, n), accuracy_stderr(acc_norm, n), n, gold, chance)
+    if per_question:
+        result.correct, result.correct_norm = [int(h) for h in hits], [int(h) for h in norm_hits]
+    return result

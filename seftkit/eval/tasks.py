@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from seftkit.data import load_records
+from seftkit.data import TASK_MIXES, load_records
 from seftkit.errors import SeftkitError
 
 # The zero-shot suite SEFT (and Wanda, SparseGPT) report.
@@ -162,14 +162,23 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 def parse_task_names(names: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Validate a comma-separated string or list of task names, keeping order and dropping repeats."""
+    """Validate task names, keeping order and dropping repeats: a comma-separated string or a list, where each
+    entry may also be a ``+``-joined list or a mix (``olmo:boolq+piqa``, ``commonsense8``)."""
     if isinstance(names, str):
-        names = [n.strip() for n in names.split(",")]
-    wanted = list(dict.fromkeys(n for n in names if n))
+        names = names.split(",")
+    wanted: list[str] = []
+    for entry in (n.strip() for n in names):
+        body = entry.removeprefix("olmo:")
+        if ":" in body:
+            raise SeftkitError(f"task {entry!r} names a split; tasks are scored on the split given separately")
+        for name in filter(None, (n.strip() for n in body.split("+"))):
+            wanted += TASK_MIXES.get(name, (name,))
+    wanted = list(dict.fromkeys(wanted))
     unknown = [n for n in wanted if n not in TASKS]
     if unknown or not wanted:
         what = f"unknown task {', '.join(unknown)}" if unknown else "no task given"
-        raise SeftkitError(f"{what}; valid tasks: {', '.join(TASKS)}")
+        raise SeftkitError(f"{what}; valid tasks: {', '.join(TASKS)} (join with + or commas; mixes: "
+                           f"{', '.join(TASK_MIXES)})")
     return wanted
 
 

@@ -8,19 +8,25 @@ window is trained on exactly once per pass over the data, by one rank.
 Two kinds of data:
 - plain text (default ``olmo:lambada:train``): ``seqlen`` token windows drawn with the run seed, loss on
   every token;
-- a multiple-choice task (``olmo:piqa`` ...): the task's ``train`` split as instruction/answer pairs, loss only
-  on the answer tokens, so the ``heldout`` questions that evaluation uses are never trained on.
+- multiple-choice tasks (``olmo:piqa``, ``olmo:boolq+piqa``, ``olmo:commonsense8`` ...): each task's ``train``
+  split (or its ``fit`` part, ``olmo:piqa:fit``) as instruction/answer pairs, loss only on the answer tokens, so
+  the ``heldout`` questions that evaluation uses are never trained on. ``max_per_task`` keeps a seeded sample of
+  each task's questions (one large task would otherwise dominate a mix); the tasks' examples are pooled and
+  every pass over them is a seeded permutation, so the tasks interleave.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from seftkit.data import OLMO_TASK_DIRS, load_texts, token_windows
+from seftkit.data import load_texts, parse_task_data, token_windows
 from seftkit.errors import SeftkitError
+
+if TYPE_CHECKING:
+    from seftkit.eval.tasks import MCItem
 
 IGNORE_INDEX = -100  # label value the causal LM loss skips (prompt and padding tokens)
 
@@ -70,9 +76,17 @@ class TrainBatches:
 
 
 def is_task_data(spec: str) -> bool:
-    """``olmo:<task>`` names a multiple-choice task; anything else is text."""
-    parts = spec.split(":")
-    return len(parts) == 2 and parts[0] == "olmo" and parts[1] in OLMO_TASK_DIRS
+    """``olmo:<task>[+<task>...][:split]`` or a mix names multiple-choice tasks; anything else is text."""
+    return parse_task_data(spec) is not None
+
+
+def training_tasks(spec: str) -> tuple[list[str], str]:
+    """The tasks of task data and the split to train on (``train`` unless ``fit`` or ``val`` is named)."""
+    tasks, split = parse_task_data(spec) or ([], None)
+    if split == "heldout":
+        raise SeftkitError(f"--data {spec}: repair never trains on held-out questions (evaluation scores them); "
+                           "use the train split (the default) or its fit part")
+    return tasks, split or "train"
 
 
 def text_examples(tokenizer: Any, spec: str, seqlen: int, count: int, seed: int) -> list[Example]:
@@ -81,17 +95,36 @@ def text_examples(tokenizer: Any, spec: str, seqlen: int, count: int, seed: int)
     return [Example(input_ids=w, labels=w.clone()) for w in windows]
 
 
-def task_examples(tokenizer: Any, task: str, seqlen: int) -> list[Example]:
-    """The task's ``train`` questions as prompt + correct answer (+ EOS); loss only on the answer and EOS.
+def training_items(task: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[MCItem]:
+    """The questions of ``task``'s ``split`` that are safe to train on, and a ``seed``-ed random sample of
+    ``limit`` of them (in their original order) when there are more.
+
+    The splits are keyed by whole rows, and some rows repeat another's prompt (the text before the options):
+    PIQA goals and HellaSwag contexts with other options, Winogrande twins (the same sentence up to the blank,
+    the opposite answer), one Social IQa row twice. A question whose prompt also appears in ``heldout`` (and in
+    ``val`` when training on ``fit``) is left out, so nothing that is scored is ever trained on.
+    """
+    from seftkit.eval.tasks import load_task
+
+    scored = {item.context for item in load_task(task, split="heldout")}
+    if split == "fit":
+        scored |= {item.context for item in load_task(task, split="val")}
+    items = [item for item in load_task(task, split=split) if item.context not in scored]
+    if limit is not None and limit < len(items):
+        generator = torch.Generator().manual_seed(seed)
+        items = [items[i] for i in sorted(torch.randperm(len(items), generator=generator)[:limit].tolist())]
+    return items
+
+
+def task_examples(tokenizer: Any, items: list[MCItem], seqlen: int) -> list[Example]:
+    """Questions as prompt + correct answer (+ EOS); loss only on the answer and EOS.
 
     Prompt and answer are tokenized separately and joined, so the label boundary is exact; rows longer than
     ``seqlen`` lose the start of their prompt, never the answer.
     """
-    from seftkit.eval.tasks import load_task
-
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
-    for item in load_task(task, split="train"):
+    for item in items:
         prompt = tokenizer(item.contexts[item.gold], add_special_tokens=False).input_ids
         answer = tokenizer(item.continuations[item.gold], add_special_tokens=False).input_ids + eos
         ids = torch.tensor(prompt + answer, dtype=torch.long)[-seqlen:]
@@ -102,11 +135,14 @@ def task_examples(tokenizer: Any, task: str, seqlen: int) -> list[Example]:
 
 
 def build_batches(tokenizer: Any, spec: str, seqlen: int, batch_size: int, micro_batches: int,
-                  seed: int, rows: slice | None = None) -> TrainBatches:
+                  seed: int, rows: slice | None = None, max_per_task: int | None = None) -> TrainBatches:
     """The micro-batch source for a run that consumes ``micro_batches`` micro-batches of ``batch_size`` (global)
-    rows, of which this process trains on ``rows`` (all by default)."""
+    rows, of which this process trains on ``rows`` (all by default); ``max_per_task`` caps each task's examples
+    (task data only)."""
     if is_task_data(spec):
-        examples = task_examples(tokenizer, spec.split(":")[1], seqlen)
+        tasks, split = training_tasks(spec)
+        items = [item for task in tasks for item in training_items(task, split, max_per_task, seed)]
+        examples = task_examples(tokenizer, items, seqlen)
     else:
         examples = text_examples(tokenizer, spec, seqlen, micro_batches * batch_size, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -15,6 +15,7 @@ class RepairConfig:
     method: str = "seft"
     # data and optimisation
     data: str = DEFAULT_TRAIN_TEXT
+    max_per_task: int | None = None  # task data: a seeded sample of at most this many questions per task
     steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1

@@ -46,7 +46,7 @@ from seftkit.distributed import World, all_reduce_mean_, shard_rows, world
 from seftkit.errors import DivergenceError, SeftkitError
 from seftkit.models import check_finite, linear_weight, target_linears
 from seftkit.repair.baselines import BASELINES
-from seftkit.repair.batches import TrainBatches, build_batches
+from seftkit.repair.batches import TrainBatches, build_batches, is_task_data, training_tasks
 from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
@@ -108,6 +108,13 @@ def check_config(config: RepairConfig) -> None:
         raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
     if config.max_grad_norm is not None and not (config.max_grad_norm > 0 and math.isfinite(config.max_grad_norm)):
         raise SeftkitError(f"--max-grad-norm must be a positive number, got {config.max_grad_norm}")
+    if config.max_per_task is not None:
+        if config.max_per_task < 1:
+            raise SeftkitError(f"--max-per-task must be at least 1, got {config.max_per_task}")
+        if not is_task_data(config.data):
+            raise SeftkitError(f"--max-per-task caps multiple-choice task data; --data {config.data} is text")
+    if is_task_data(config.data):
+        training_tasks(config.data)  # refuses a held-out split before the model loads
     if config.checkpoint_every is not None and config.checkpoint_every < 1:
         raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
     if config.nm is not None:
@@ -179,6 +186,8 @@ def evaluate_model(
     scores.update({f"{name}_acc": task.acc for name, task in result.tasks.items()})
     if result.mean_acc is not None:
         scores["mean_acc"] = result.mean_acc
+    if len(result.tasks) > 1:
+        scores.update(micro_acc=result.micro_acc, gold_loglik=result.gold_loglik)
     return scores
 
 
@@ -283,7 +292,7 @@ def repair_model(
     global_batch = config.batch_size * ranks.world_size
     batches = build_batches(tokenizer, config.data, config.seqlen, global_batch,
                             max(config.steps * config.grad_accum, method.init_passes()), config.seed,
-                            rows=shard_rows(global_batch))
+                            rows=shard_rows(global_batch), max_per_task=config.max_per_task)
     replica = model if sharded else replicate(model, ranks, device)
     was_training = model.training
     model.train()
