@@ -38,8 +38,9 @@ def test_drop_fraction_schedules():
         drop_fraction(1, 10, 0.2, "step")
 
 
-def test_candidate_count_is_five_times_plus_margin_capped_by_availability():
-    assert candidate_count(10, 1000) == 66
+def test_candidate_count_is_a_multiple_plus_margin_capped_by_availability():
+    assert candidate_count(10, 1000) == 36
+    assert candidate_count(10, 1000, factor=5) == 66
     assert candidate_count(10, 20) == 20
     assert candidate_count(0, 5) == 5
 

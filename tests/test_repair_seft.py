@@ -261,6 +261,7 @@ def test_only_o_k_state_survives_a_step():
         n = int(0.5 * layer.k)
         # growth: the best inside and anywhere, plus every slot (so a dropped one can be picked again)
         assert all(t.numel() <= 2 * candidate_count(n, numel) + layer.k for t in held)
+        assert not layer.grow.signed
         assert module.values.grad is None
 
 
@@ -375,3 +376,11 @@ def test_revived_slots_get_the_learning_rate_multiplier():
         assert torch.equal(scale, torch.where(revived, 4.0, 1.0))
     assert any(bool((run.optimizer.state[layer.module.values]["lr_scale"] == 4.0).any())
                for layer in run.method.layers)
+
+
+def test_signed_growth_tracks_five_times_the_candidates():
+    run = _train(_start(_config(grow_score="abs-sum")), 3)
+    for layer in run.method.layers:
+        n, numel = int(0.5 * layer.k), layer.module.weight.numel()
+        assert layer.grow.signed
+        assert candidate_count(n, numel) < layer.grow.positions.numel() <= 2 * candidate_count(n, numel, 5) + layer.k

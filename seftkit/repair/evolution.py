@@ -21,7 +21,8 @@ import torch
 
 from seftkit.repair.delta import gather_flat
 
-CANDIDATE_FACTOR = 5
+CANDIDATE_FACTOR = 2
+SIGNED_CANDIDATE_FACTOR = 5  # a signed sum reorders more over the window than a sum of magnitudes
 CANDIDATE_MARGIN = 16
 
 
@@ -38,11 +39,11 @@ def drop_fraction(t: int, total: int, p0: float, schedule: str) -> float:
     raise ValueError(f"unknown drop schedule {schedule!r}")
 
 
-def candidate_count(n: int, available: int) -> int:
-    """How many positions to track for ``n`` picks: five times as many plus a margin, so the ranking can still
-    change over the window (the first pass alone fixes the candidates) and the picks that later steps exclude
-    (adapt) never run out."""
-    return min(available, CANDIDATE_FACTOR * n + CANDIDATE_MARGIN)
+def candidate_count(n: int, available: int, factor: int = CANDIDATE_FACTOR) -> int:
+    """How many positions to track for ``n`` picks: ``factor`` times as many plus a margin, so the ranking can
+    still change over the window (the first pass alone fixes the candidates) and the picks that later steps
+    exclude (adapt) never run out."""
+    return min(available, factor * n + CANDIDATE_MARGIN)
 
 
 def _sorted_order(scores: torch.Tensor, descending: bool) -> torch.Tensor:

@@ -37,6 +37,8 @@ from seftkit.models import linear_weight
 from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
 from seftkit.repair.delta import SparseDeltaLinear, gather_flat, replace_module
 from seftkit.repair.evolution import (
+    CANDIDATE_FACTOR,
+    SIGNED_CANDIDATE_FACTOR,
     Candidates,
     EvolutionStep,
     Rules,
@@ -289,13 +291,15 @@ class SeftMethod(RepairMethod):
             magnitude.index_fill_(0, layer.module.indices.long(), -math.inf)
             taken = layer.k
         inside_scores = torch.where(active, magnitude, -math.inf)
-        grow = [top_positions(inside_scores, candidate_count(n, layer.target_nnz - taken))]
+        signed = self.config.grow_score == "abs-sum"
+        factor = SIGNED_CANDIDATE_FACTOR if signed else CANDIDATE_FACTOR
+        grow = [top_positions(inside_scores, candidate_count(n, layer.target_nnz - taken, factor))]
         if taken and self.config.keep_regrown:  # every slot competes too, so a dropped one can be picked again
             grow.append(layer.module.indices.long())
         layer.sensitivity = None
         if self._revives_at(window):
             # anywhere for growth, plus the best inside the active set to refill slots that adapt displaces
-            grow.append(top_positions(magnitude, candidate_count(n, magnitude.numel() - taken)))
+            grow.append(top_positions(magnitude, candidate_count(n, magnitude.numel() - taken, factor)))
             sensitivity = inside_scores  # reuse the buffer: |T * g| where active, +inf elsewhere
             torch.mul(effective.reshape(-1).float(), dense_grad.reshape(-1).float(), out=sensitivity).abs_()
             sensitivity.masked_fill_(~active, math.inf)
@@ -303,7 +307,7 @@ class SeftMethod(RepairMethod):
             if self.config.eviction == "row":
                 lowest.append(_lowest_per_row(sensitivity.view(effective.shape), n, active))
             layer.sensitivity = Candidates.at(torch.unique(torch.cat(lowest)))
-        layer.grow = Candidates.at(torch.unique(torch.cat(grow)), signed=self.config.grow_score == "abs-sum")
+        layer.grow = Candidates.at(torch.unique(torch.cat(grow)), signed=signed)
         layer.window = window
 
     @torch.no_grad()
