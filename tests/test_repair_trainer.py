@@ -141,7 +141,10 @@ def test_max_grad_norm_clips_the_trainable_gradient_before_the_step(method, tiny
     assert moved[None] > 0.5 * 1e-2 and moved[1e-12] < 1e-4 * moved[None]
 
 
-@pytest.mark.parametrize("method", ["seft", "seft-no-revive"])
+@pytest.mark.parametrize("method", [
+    pytest.param("seft", marks=pytest.mark.xfail(strict=True, reason="issue 15b: seft reclaims emptied positions")),
+    "seft-no-revive",
+])
 def test_a_budget_close_to_the_active_set_keeps_every_invariant(method, tiny_text_file):
     """k = 90% of the active set and every slot replaced at first: fewer eligible positions than candidates wanted,
     so every capped count in candidate selection matters (too high a count regrows slots or leaves the active set,
@@ -151,7 +154,7 @@ def test_a_budget_close_to_the_active_set_keeps_every_invariant(method, tiny_tex
     repair_model(model, tokenizer, config(method, tiny_text_file, delta_density=0.45, lora_rank_equivalent=None,
                                           update_interval=2, drop_rate=1.0, checkpoint_every=None), progress=False)
     after = {name: int((w != 0).sum()) for name, w in weights(model).items()}
-    assert all(after[name] <= before[name] for name in before)  # revived weights that ended at 0 stay 0
+    assert after == before  # every layer's exact input nnz (a revived weight that ends at 0 must be replaced)
 
 
 def test_a_topology_update_that_breaks_the_invariants_stops_the_run(tiny_text_file, monkeypatch):
