@@ -59,11 +59,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(method, tiny_text_file
                            resume=True, progress=False)
     assert resumed.resumed_from_step == 2
     got = weights(model)
-    for name, weight in expected.items():
-        assert torch.equal(weight != 0, got[name] != 0), name  # identical masks
-        torch.testing.assert_close(got[name], weight, rtol=1e-5, atol=1e-6)
-    assert [loss for _, loss in resumed.loss_curve] == pytest.approx([loss for _, loss in whole.loss_curve])
-    assert len(resumed.events) == len(whole.events)
+    for name, weight in expected.items():  # bit-exact: the same arithmetic in the same order
+        assert torch.equal(got[name].view(torch.uint8), weight.view(torch.uint8)), name
+    assert resumed.loss_curve == whole.loss_curve
+    assert resumed.events == whole.events
 
 
 def test_same_seed_same_weights_other_seed_other_data(tiny_text_file):
