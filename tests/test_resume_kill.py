@@ -2,9 +2,10 @@
 
 Every repair here is a child process started with the same environment (one thread), so the uninterrupted run
 and the killed-then-resumed one do the same float arithmetic in the same order and must agree bit for bit.
-The killed child is held at step ``HOLD_AT`` (after its checkpoint at step ``HOLD_AT - 1`` is on disk and one
-more step has run in memory) so that the kill always lands before the run can finish, whatever the load; the
-test only polls for the checkpoint file and never times anything.
+The killed child is held at a chosen point (the start of step ``HOLD_AT``, with a checkpoint on disk and one more
+step run in memory; or halfway through writing its second checkpoint) and says so with a file, so the kill
+always lands there before the run can finish, whatever the load; the test polls for that file and never times
+anything.
 """
 
 from __future__ import annotations
@@ -30,22 +31,37 @@ from seftkit.repair import REPORT_NAME, RepairConfig, checkpoint_dir_for, repair
 from seftkit.repair.checkpoint import STATE_FILE
 from seftkit.sparsity.pattern import parse_pattern
 
-STEPS, EVERY, HOLD_AT = 6, 2, 3  # checkpoints after steps 2 and 4; the killed child never starts step 3's work
+STEPS, EVERY, HOLD_AT = 6, 2, 3  # checkpoints after steps 2 and 4
 CHILD_DEADLINE_S = 300  # a safety net for a hung child, not a timing assertion
 
-# The real CLI in a child; with --hold-at it blocks (no CPU) when step HOLD_AT starts, until it is killed.
+# The real CLI in a child. --hold-at STEP blocks (no CPU) when step STEP starts; --hold-in-save N blocks inside
+# the N-th checkpoint write, with half the file written. Either way it touches --held first, then waits for a kill.
 CHILD = """
-import signal, sys
+import pathlib, signal, sys, torch
 from seftkit.repair import trainer
-args = sys.argv[1:]
-if args[0] == "--hold-at":
-    hold, args = int(args[1]), args[2:]
+args, mode = sys.argv[1:], None
+if args[0].startswith("--hold"):
+    mode, count, held, args = args[0], int(args[1]), pathlib.Path(args[2]), args[3:]
+def hold():
+    held.touch()
+    signal.pause()
+if mode == "--hold-at":
     rate = trainer.learning_rate
-    def held(config, step):
-        if step == hold:
-            signal.pause()
+    def held_rate(config, step):
+        if step == count:
+            hold()
         return rate(config, step)
-    trainer.learning_rate = held
+    trainer.learning_rate = held_rate
+elif mode == "--hold-in-save":
+    save, calls = torch.save, []
+    def torn_save(obj, f, *a, **k):
+        calls.append(f)
+        save(obj, f, *a, **k)
+        if len(calls) == count:
+            data = pathlib.Path(f).read_bytes()
+            pathlib.Path(f).write_bytes(data[: len(data) // 2])
+            hold()
+    torch.save = torn_save
 from seftkit.cli.main import cli
 cli(["repair", *args], prog_name="seftkit")
 """
@@ -79,13 +95,14 @@ def finish(process: subprocess.Popen) -> str:
     return stderr
 
 
-def kill_after_first_checkpoint(process: subprocess.Popen, ckpt: Path) -> None:
+def kill_once_held(process: subprocess.Popen, held: Path) -> None:
+    """SIGKILL the child once it says it is held (polling, with a deadline only against a hung child)."""
     deadline = time.monotonic() + CHILD_DEADLINE_S
     try:
-        while not (ckpt / STATE_FILE).is_file():
+        while not held.exists():
             if process.poll() is not None:
-                pytest.fail(f"the child ended before its first checkpoint:\n{process.stderr.read()[-3000:]}")
-            assert time.monotonic() < deadline, "no checkpoint appeared"
+                pytest.fail(f"the child ended before it was held:\n{process.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, "the child was never held"
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -98,28 +115,38 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("method", ["seft", "static"])
-def test_resume_after_sigkill_is_bit_exact(method, pruned_dir, tiny_text_file, tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    reference = child(str(pruned_dir), *repair_args(method, tiny_text_file), "--out", str(whole))
-    killed = child("--hold-at", str(HOLD_AT), str(pruned_dir), *repair_args(method, tiny_text_file), "--out",
-                   str(cut))
-    kill_after_first_checkpoint(killed, checkpoint_dir_for(cut))
-    finish(reference)
-    assert not cut.exists()
-    assert torch.load(checkpoint_dir_for(cut) / STATE_FILE, weights_only=True)["progress"]["step"] == HOLD_AT - 1
+@pytest.fixture(scope="module")
+def uninterrupted(pruned_dir, tiny_text_file, tmp_path_factory) -> Path:
+    """The reference: the same SEFT run in a child that nothing interrupts."""
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    finish(child(str(pruned_dir), *repair_args("seft", tiny_text_file), "--out", str(out)))
+    return out
 
-    finish(child(str(pruned_dir), *repair_args(method, tiny_text_file), "--out", str(cut), "--resume"))
-    resumed, uninterrupted = (json.loads((folder / REPORT_NAME).read_text()) for folder in (cut, whole))
-    assert resumed["resumed_from_step"] == HOLD_AT - 1 and uninterrupted["resumed_from_step"] is None
-    assert resumed["loss_curve"] == uninterrupted["loss_curve"]  # exact floats, every step
-    assert resumed["events"] == uninterrupted["events"]
-    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+
+@pytest.mark.parametrize("hold", [
+    ["--hold-at", str(HOLD_AT)],  # killed with a step run in memory after the checkpoint of step 2
+    ["--hold-in-save", "2"],  # killed halfway through writing the checkpoint of step 4
+], ids=["mid-training", "mid-checkpoint-write"])
+def test_resume_after_sigkill_is_bit_exact(hold, uninterrupted, pruned_dir, tiny_text_file, tmp_path):
+    """SEFT, whose resume needs every piece of state (slots, masks, candidate statistics, Adam, RNG); the
+    in-process resume tests in test_repair_trainer.py cover every method the same way, bit-exact too."""
+    cut, held = tmp_path / "cut", tmp_path / "held"
+    kill_once_held(child(*hold, str(held), str(pruned_dir), *repair_args("seft", tiny_text_file), "--out", str(cut)),
+                   held)
+    assert not cut.exists()
+    assert torch.load(checkpoint_dir_for(cut) / STATE_FILE, weights_only=True)["progress"]["step"] == EVERY
+
+    finish(child(str(pruned_dir), *repair_args("seft", tiny_text_file), "--out", str(cut), "--resume"))
+    resumed, whole = (json.loads((folder / REPORT_NAME).read_text()) for folder in (cut, uninterrupted))
+    assert resumed["resumed_from_step"] == EVERY and whole["resumed_from_step"] is None
+    assert resumed["loss_curve"] == whole["loss_curve"]  # exact floats, every step
+    assert resumed["events"] == whole["events"]
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys()
     different = [name for name in a if not torch.equal(bits(a[name]), bits(b[name]))]
     assert different == []
     assert not checkpoint_dir_for(cut).exists()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no stray temporary folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "held"]  # no stray temporary files or folders
 
 
 def run(*args) -> object:

@@ -1,5 +1,9 @@
 """Resumable repair checkpoints in ``<out>.ckpt/``, written atomically (a kill never leaves a torn one).
 
+Each checkpoint is written to a partial file inside that folder and renamed over ``state.pt`` in one step, so a
+kill at any moment leaves the previous checkpoint or the new one, never neither, and nothing outside the folder
+(which is removed once the output is written).
+
 A checkpoint holds what an uninterrupted run would still have in memory after step ``step``: the trainable
 values, the method's own state (SEFT's indices and masks), the optimizer, every RNG, the loss curve and events.
 The data position is the step itself (micro-batches are a pure function of their index, see ``batches``).
@@ -12,6 +16,7 @@ Distributed, rank 0 writes (every replica holds the same state) and every rank r
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +27,12 @@ from torch import nn
 
 from seftkit.distributed import barrier, tensor_digest, world
 from seftkit.errors import SeftkitError
-from seftkit.io import atomic_dir
 from seftkit.models import linear_weight
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
 
 STATE_FILE = "state.pt"
+PARTIAL_FILE = ".state.pt.partial"
 STATE_KEYS = frozenset({"config", "trainable", "method", "optimizer", "rng", "progress"})
 # Fields that may change between a run and its resume without changing the result.
 RUNTIME_FIELDS = frozenset({"device", "strategy", "checkpoint_every", "log_every", "eval_ppl", "eval_tasks",
@@ -88,8 +93,12 @@ def save_checkpoint(path: Path, config: RepairConfig, method: RepairMethod, opti
         "rng": _rng_state(),
         "progress": dataclasses.asdict(progress),
     }
-    with atomic_dir(path, overwrite=True) as tmp:
-        torch.save(state, tmp / STATE_FILE)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path / PARTIAL_FILE)
+        os.replace(path / PARTIAL_FILE, path / STATE_FILE)
+    except OSError as exc:
+        raise SeftkitError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
     barrier()
 
 
