@@ -152,8 +152,19 @@ def test_a_killed_distributed_run_resumes_from_the_cli(runs):
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no stray temporary folders
 
 
-def test_check_same_across_ranks_is_a_no_op_in_one_process():
-    check_same_across_ranks("anything", {"x": torch.arange(3)})
+def test_check_same_across_ranks_is_a_no_op_in_one_process(monkeypatch):
+    """Nothing to compare with: no collective is issued (one would hang or fail without a process group)."""
+    from seftkit import distributed
+
+    def no_collectives(*args, **kwargs):
+        raise AssertionError("a collective was issued in a single process")
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", no_collectives)
+    assert not distributed.world().distributed
+    assert check_same_across_ranks("anything", {"x": torch.arange(3)}) is None
+    monkeypatch.setattr(distributed, "_WORLD", distributed.World(world_size=2))  # what keeps it from gathering
+    with pytest.raises(AssertionError, match="a collective was issued"):
+        check_same_across_ranks("anything", {"x": torch.arange(3)})
 
 
 def worker(root: Path, data: Path) -> None:

@@ -104,10 +104,18 @@ def test_device_and_dtype_errors():
     with pytest.raises(SeftkitError, match="unknown dtype 'int4'"):
         models.resolve_dtype("int4")
     assert models.resolve_device("cpu") == "cpu"
-    if not torch.cuda.is_available():
-        assert models.resolve_device("auto") == "cpu"
-        with pytest.raises(SeftkitError, match="CUDA is not available"):
-            models.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_auto_device_follows_cuda_availability(cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert models.resolve_device("auto") == ("cuda" if cuda else "cpu")
+    assert models.resolve_device("cpu") == "cpu"
+    if cuda:
+        assert models.resolve_device("cuda:1") == "cuda:1"
+    else:
+        with pytest.raises(SeftkitError, match="--device cuda requested but CUDA is not available"):
+            models.resolve_device("cuda:0")
 
 
 def test_check_finite(llama_dir):

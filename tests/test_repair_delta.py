@@ -80,17 +80,67 @@ def test_bf16_weight_keeps_small_delta_exactly_at_its_position():
     assert effective_weight(weight, indices, torch.tensor([1.5]), torch.float32).item() == 257.5
 
 
-def test_autocast_computes_in_bf16_and_keeps_delta_fp32():
-    layer = _layer()
-    x = torch.randn(4, IN)
+BF16_RTOL = 2.0**-8  # one rounding of an fp32-accumulated result to bf16 (8 significant bits): <= 2^-9 relative
+
+
+def _bf16_reference(layer: SparseDeltaLinear, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same bf16 math in float64: output, and delta gradient for the loss ``sum(y.float()**2)``.
+
+    The operands are what autocast gives the layer (x and ``W + d`` rounded once to bf16); the upstream gradient
+    is ``2 y`` in bf16 (exact from the layer's own ``y``), so the only difference left is the layer's final
+    rounding to bf16 (and fp32 summation order), which ``BF16_RTOL`` covers.
+    """
+    weight = linear_weight(layer.base).detach().double()
+    effective = weight.reshape(-1).index_add(0, layer.indices.long(), layer.values.detach().double())
+    effective = effective.reshape(weight.shape).bfloat16().double()
+    x_b = x.bfloat16().double()
+    bias = layer.base.bias.detach().bfloat16().double()
+    grad_y = (2 * y.detach().float()).bfloat16().double()
+    dense_grad = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_b.reshape(-1, x_b.shape[-1])
+    return x_b @ effective.t() + bias, dense_grad.reshape(-1)[layer.indices.long()]
+
+
+def assert_autocast_matches_bf16_reference(layer: SparseDeltaLinear, x: torch.Tensor) -> None:
+    layer.values.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().pow(2).sum().backward()
     assert layer.values.grad.dtype == torch.float32
-    want = _dense_reference(layer, x)
-    torch.testing.assert_close(y.float(), want[0], rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(layer.values.grad, want[2], rtol=5e-2, atol=5e-1)
+    want_y, want_grad = _bf16_reference(layer, x, y)
+    # atol only for sums that cancel to near 0, far below the values compared (gradients 0.26 to 21 here)
+    torch.testing.assert_close(y.double(), want_y, rtol=BF16_RTOL, atol=1e-3)
+    torch.testing.assert_close(layer.values.grad.double(), want_grad, rtol=BF16_RTOL, atol=1e-3)
+
+
+def test_autocast_computes_in_bf16_and_keeps_delta_fp32():
+    layer = _layer()
+    x = torch.randn(4, IN)
+    assert_autocast_matches_bf16_reference(layer, x)
+    grad = layer.values.grad.abs()
+    assert grad.min() < 0.5 < grad.max()  # the sabotage below zeroes a real part of this range
+
+
+@pytest.mark.parametrize("sabotage", ["zero gradients below 0.5", "drop the delta from the forward"])
+def test_the_bf16_reference_catches_a_broken_layer(sabotage, monkeypatch):
+    """The tolerance is tight enough to see a gradient band zeroed (which the earlier ``atol=0.5`` against an
+    fp32 reference let pass) or the delta left out of the forward."""
+    backward, forward = SparseDeltaFunction.backward, SparseDeltaFunction.forward
+
+    def zero_small(ctx, grad_y):
+        grads = list(backward(ctx, grad_y))
+        grads[4] = grads[4].masked_fill(grads[4].abs() < 0.5, 0.0)
+        return tuple(grads)
+
+    def without_delta(ctx, x, weight, bias, indices, values, grad_hook):
+        return forward(ctx, x, weight, bias, indices, torch.zeros_like(values), grad_hook)
+
+    if sabotage.startswith("zero"):
+        monkeypatch.setattr(SparseDeltaFunction, "backward", staticmethod(zero_small))
+    else:
+        monkeypatch.setattr(SparseDeltaFunction, "forward", staticmethod(without_delta))
+    with pytest.raises(AssertionError):
+        assert_autocast_matches_bf16_reference(_layer(), torch.randn(4, IN))
 
 
 def test_gradcheck_float64():

@@ -47,7 +47,7 @@ from seftkit.errors import DivergenceError, SeftkitError
 from seftkit.models import check_finite, linear_weight, target_linears
 from seftkit.repair.baselines import BASELINES
 from seftkit.repair.batches import TrainBatches, build_batches, is_task_data, training_tasks
-from seftkit.repair.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
+from seftkit.repair.checkpoint import Progress, has_checkpoint, input_digests, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
 from seftkit.repair.report import LayerSparsity, RepairReport
@@ -269,6 +269,7 @@ def repair_model(
     check_finite(model)
     check_input_pattern(targets, config.nm)
     layers = measure_layers(targets)
+    inputs = input_digests(targets) if checkpoint_dir is not None else {}  # before training changes them
     method = make_method(config)
     if ranks.distributed:  # record what ran (under an accelerate FSDP launch None means fsdp)
         config = dataclasses.replace(config, strategy="fsdp" if sharded else "ddp")
@@ -300,13 +301,13 @@ def repair_model(
         set_activation_checkpointing(model, True)
     try:
         if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
-            state = load_checkpoint(checkpoint_dir, config, method, optimizer)
+            state = load_checkpoint(checkpoint_dir, config, method, optimizer, inputs)
             report.resumed_from_step = state.step
             log.info("resuming %s from step %d (%s)", config.method, state.step, checkpoint_dir)
         else:
             if resume:
                 log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
-            state = Progress()
+            state = Progress(inputs=inputs)
             run_init_passes(replica, method, batches, device)
         train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
                               stop_after, density=1.0 - report.sparsity_before, average_gradients=sharded)
