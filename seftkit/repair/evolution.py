@@ -309,6 +309,8 @@ def _within_quota(positions: torch.Tensor, row_width: int | None, quota: torch.T
     """Mask of the ``positions`` (in priority order) that are among the first ``quota[g]`` of their group g."""
     if not positions.numel():
         return torch.zeros(0, dtype=torch.bool, device=positions.device)
+    if not row_width:  # one group: the first quota[0]
+        return torch.arange(positions.numel(), device=positions.device) < quota[0]
     groups = _groups(positions, row_width)
     order = torch.argsort(groups, stable=True)
     ordered = groups[order]
