@@ -34,6 +34,16 @@ moment it finishes (a sweep that dies keeps its finished runs: ``--reuse`` it to
 ``--seft-option KEY=VALUE`` sets any other RepairConfig field for the SEFT methods only (e.g. a new evolution
 knob), so new knobs need no bench change.
 
+Task adaptation after pruning (issue 15's protocol), one command per part; each can also run a method at a
+time (``--methods``, own ``--json``, ``--reuse`` the first part for its dense/pruned runs) and ``--combine``::
+
+    C="--data olmo:commonsense8 --max-per-task 1000 --steps 120 --batch-size 8 --seqlen 128 --warmup-steps 12
+       --max-grad-norm 1.0 --lora-rank-equivalent 8 --calib-samples 32 --extra-seeds 1,2 --no-memory"
+    python -m seftkit.bench.repair_compare $C --sparsity 0.7 --json runs/tasks-wanda70.json
+    python -m seftkit.bench.repair_compare $C --sparsity 0.5 --json runs/tasks-wanda50.json
+    python -m seftkit.bench.repair_compare $C --sparsity 0.7 --prune-method magnitude
+        --methods seft,seft-no-revive,masked-lora --json runs/tasks-magnitude70.json   (one line)
+
 ``--extra-seeds 1,2`` repeats each method at its chosen learning rate with those seeds (data order, LoRA
 initialisation, SEFT's random choices) and adds the mean and spread of test perplexity over every seed: single
 runs of these methods differ by several perplexity points from one seed to the next, more than the methods differ
