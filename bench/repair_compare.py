@@ -34,6 +34,16 @@ moment it finishes (a sweep that dies keeps its finished runs: ``--reuse`` it to
 ``--seft-option KEY=VALUE`` sets any other RepairConfig field for the SEFT methods only (e.g. a new evolution
 knob), so new knobs need no bench change.
 
+Task adaptation after pruning (issue 15's protocol), one command per part; each can also run a method at a
+time (``--methods``, own ``--json``, ``--reuse`` the first part for its dense/pruned runs) and ``--combine``::
+
+    C="--data olmo:commonsense8 --max-per-task 1000 --steps 120 --batch-size 8 --seqlen 128 --warmup-steps 12
+       --max-grad-norm 1.0 --lora-rank-equivalent 8 --calib-samples 32 --extra-seeds 1,2 --no-memory"
+    python -m seftkit.bench.repair_compare $C --sparsity 0.7 --json runs/tasks-wanda70.json
+    python -m seftkit.bench.repair_compare $C --sparsity 0.5 --json runs/tasks-wanda50.json
+    python -m seftkit.bench.repair_compare $C --sparsity 0.7 --prune-method magnitude
+        --methods seft,seft-no-revive,masked-lora --json runs/tasks-magnitude70.json   (one line)
+
 ``--extra-seeds 1,2`` repeats each method at its chosen learning rate with those seeds (data order, LoRA
 initialisation, SEFT's random choices) and adds the mean and spread of test perplexity over every seed: single
 runs of these methods differ by several perplexity points from one seed to the next, more than the methods differ
@@ -136,12 +146,13 @@ def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int, 
     return dataclasses.replace(config, **parse_seft_options(args.seft_option))
 
 
-def evaluation_job(args: argparse.Namespace) -> dict[str, Any]:
-    """The evaluation part of every job."""
+def evaluation_job(args: argparse.Namespace, selects: bool = True) -> dict[str, Any]:
+    """The evaluation part of every job; only runs that take part in the learning-rate choice (``selects``)
+    score the tasks' val questions."""
     if args.mode == "tasks":
+        val = {"val_tasks": args.eval_tasks.split(","), "val_limit": args.val_limit} if selects else {}
         return {"mode": "tasks", "device": args.device, "eval_tasks": args.eval_tasks.split(","),
-                "eval_limit": args.eval_limit, "val_tasks": args.eval_tasks.split(","), "val_limit": args.val_limit,
-                "eval_batch_size": args.eval_batch_size}
+                "eval_limit": args.eval_limit, "eval_batch_size": args.eval_batch_size, **val}
     return {"mode": "text", "device": args.device, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
             "eval_limit": args.eval_limit, "eval_tasks": [t for t in args.eval_tasks.split(",") if t]}
 
@@ -167,11 +178,12 @@ def resolve_mode(args: argparse.Namespace) -> None:
 
 
 def summary(run: dict[str, Any]) -> str:
+    """One progress line about a finished run."""
     if "error" in run:
         return run["error"]
-    score = (f"val acc {run['val_acc']:.4f}, test acc {run['test_acc']:.4f}" if "val_acc" in run
-             else f"val ppl {run['val_ppl']:.3f}")
-    return score + (f", {run['step_time_s']:.2f} s/step" if "step_time_s" in run else "")
+    kind = "acc" if "test_acc" in run else "ppl"
+    scores = [f"{part} {kind} {run[f'{part}_{kind}']:.4f}" for part in ("val", "test") if f"{part}_{kind}" in run]
+    return ", ".join(scores + ([f"{run['step_time_s']:.2f} s/step"] if "step_time_s" in run else []))
 
 
 def print_combined(paths: list[Path]) -> None:
@@ -274,12 +286,12 @@ def main() -> None:
     seft_code = code if all(earlier.get("args", {}).get(k) == str(getattr(args, k)) for k in SEFT_SETTINGS) else None
     out = args.json or args.workdir / f"repair_compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"results are saved to {out} as each run finishes", file=sys.stderr, flush=True)
-    evaluation = evaluation_job(args)
+    evaluation, reference = evaluation_job(args), evaluation_job(args, selects=False)
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir, args.prune_method)
     sweep: dict[str, list[dict[str, Any]]] = {}
-    dense = earlier.get("dense") or run_job({"model": args.model, **evaluation})
+    dense = earlier.get("dense") or run_job({"model": args.model, **reference})
     save_results(out, args, dense, None, sweep)
-    pruned = earlier.get("pruned") or run_job({"model": str(pruned_dir), **evaluation})
+    pruned = earlier.get("pruned") or run_job({"model": str(pruned_dir), **reference})
     save_results(out, args, dense, pruned, sweep)
     for method in methods:
         for lr in lrs:
@@ -294,7 +306,7 @@ def main() -> None:
         for seed in extra_seeds if run is not None else []:
             config = repair_config(args, method, run["lr"], args.steps, seed)
             extra = reused_seed_run(earlier, method, run["lr"], seed, seft_code) or {
-                "seed": seed, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
+                "seed": seed, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **reference})}
             run.setdefault("seeds", []).append(extra)
             save_results(out, args, dense, pruned, sweep)
             print(f"{method} seed {seed}: {summary(extra)}", file=sys.stderr, flush=True)

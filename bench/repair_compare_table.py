@@ -41,7 +41,7 @@ def memory_cells(run: dict[str, Any], ref_peak: dict[str, float], ref_extra: dic
     """Peak and +MB of a method's memory run, each with its ratios to the references."""
     memory = measured_memory(run)
     if memory is None:
-        return f"{'failed':>9}{'':>40}"
+        return f"{'failed' if 'memory' in run else '-':>9}{'':>40}"
     return (f"{memory['peak_rss_mb']:>9.0f}{ratios(memory['peak_rss_mb'], ref_peak)}"
             f"{memory['train_extra_mb']:>8.0f}{ratios(memory['train_extra_mb'], ref_extra)}")
 

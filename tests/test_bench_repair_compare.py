@@ -252,6 +252,7 @@ def test_every_run_is_saved_as_it_finishes_and_a_dead_sweep_combines(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         repair_compare.main()
     assert calls[2]["val_tasks"] == ["boolq", "piqa"] and calls[2]["config"]["data"] == "olmo:boolq+piqa:fit"
+    assert "val_tasks" not in calls[0] and "config" not in calls[1]  # dense and pruned: no lr to choose
     saved = json.loads(out.read_text())
     assert [r["lr"] for r in saved["sweep"]["seft"]] == [1e-3, 1e-2] and "masked-lora" not in saved["sweep"]
     assert saved["args"]["eval_tasks"] == "boolq,piqa" and saved["args"]["eval_limit"] == "None"

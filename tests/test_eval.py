@@ -301,6 +301,27 @@ def test_evaluate_combines_perplexity_and_tasks(tiny_llama):
     assert "perplexity" in report.summary() and "winogrande" in report.summary()
 
 
+def test_several_tasks_report_micro_and_macro_averages_gold_loglikelihood_and_outcomes(tiny_llama):
+    model, tokenizer = tiny_llama
+    report = evaluate(model, tokenizer, tasks="olmo:copa+boolq,arc_easy", split="heldout", limit=5,
+                      progress=False, per_question=True)
+    results = list(report.tasks.values())
+    assert [r.task for r in results] == ["copa", "boolq", "arc_easy"] and all(r.n == 5 for r in results)
+    hits = [h for r in results for h in r.correct]
+    assert len(hits) == 15 and report.micro_acc == pytest.approx(sum(hits) / 15)
+    assert report.micro_acc_norm == pytest.approx(sum(h for r in results for h in r.correct_norm) / 15)
+    assert report.mean_acc == pytest.approx(sum(r.acc for r in results) / 3)
+    assert report.micro_stderr == pytest.approx(math.sqrt(report.micro_acc * (1 - report.micro_acc) / 14))
+    items = load_task("boolq", split="heldout", limit=5)
+    lls = loglikelihoods(model, tokenizer, items, progress=False)
+    gold = [ll[item.gold] for ll, item in zip(lls, items, strict=True)]
+    assert report.tasks["boolq"].gold_loglik == pytest.approx(sum(gold) / 5)
+    assert report.tasks["boolq"].chance == 0.5 and report.tasks["copa"].chance == 0.5
+    assert report.gold_loglik == pytest.approx(sum(r.gold_loglik for r in results) / 3)  # equal n: plain mean
+    assert "micro (pooled)" in report.summary() and "macro (mean)" in report.summary()
+    assert evaluate(model, tokenizer, tasks="copa", limit=2, progress=False).tasks["copa"].correct is None
+
+
 def test_cli_eval_writes_report(llama_dir, tmp_path):
     out, text = tmp_path / "eval.json", tmp_path / "text.txt"
     text.write_text("\n\n".join(TEXTS))

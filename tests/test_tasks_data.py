@@ -116,3 +116,16 @@ def test_no_scored_question_of_the_eight_tasks_is_ever_trained_on(split, scored_
                                                    for item in training_items(task, split)}
     labels = batches.micro_batch(0)["labels"]
     assert bool((labels != IGNORE_INDEX).any())
+
+
+def test_repair_cli_takes_max_per_task_and_the_mix_as_eval_tasks(llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from seftkit.cli.main import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["repair", str(llama_dir), "--data", "olmo:commonsense8", "--max-per-task", "0",
+                                      "--eval-tasks", "olmo:commonsense8", "--out", str(out)])
+    assert result.exit_code == 2 and "--max-per-task must be at least 1, got 0" in result.stderr
+    result = CliRunner().invoke(cli, ["repair", str(llama_dir), "--data", "olmo:piqa+nope", "--out", str(out)])
+    assert result.exit_code == 2 and "unknown built-in data 'nope'" in result.stderr and not out.exists()
