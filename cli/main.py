@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": ("seftkit.cli.bench", "Measure sparse vs dense inference speed on this machine."),
     "export": ("seftkit.cli.export", "Export a sparse model as CSR, compressed-tensors or ONNX."),
     "eval": ("seftkit.cli.eval", "Perplexity and zero-shot multiple-choice accuracy, offline."),
+    "generate": ("seftkit.cli.generate", "Generate text on the sparse kernels; prefill and decode tokens/s."),
 }
 
 
