@@ -85,7 +85,7 @@ class GenerateReport:
     tokens: list[int] = field(default_factory=list)
 
 
-class _StepClock:
+class StepClock:
     """A ``generate`` streamer that only notes when each new token arrives (the first call is the prompt)."""
 
     def __init__(self) -> None:
@@ -179,7 +179,7 @@ def generate(
 
 
 def _run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor,
-         config: GenerateConfig) -> tuple[list[int], _StepClock]:
+         config: GenerateConfig) -> tuple[list[int], StepClock]:
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -187,7 +187,7 @@ def _run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.
     sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0} \
         if config.sample else {"do_sample": False}
     torch.manual_seed(config.seed)
-    clock = _StepClock()
+    clock = StepClock()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
                              pad_token_id=pad_id, streamer=clock, **sampling)
