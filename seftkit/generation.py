@@ -114,16 +114,16 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: b
     return tokenizer(prompt, return_tensors="pt").input_ids, False
 
 
-def prepare_model(model: PreTrainedModel, backend: str) -> tuple[PreTrainedModel, int, int]:
-    """``model`` with its sparse linears on the kernels (a copy: the caller's model is left as it was), and how
-    many of its targeted linears run there."""
+def prepare_model(model: PreTrainedModel, backend: str, in_place: bool = False) -> tuple[PreTrainedModel, int, int]:
+    """``model`` with its sparse linears on the kernels (swapped in a copy unless ``in_place``), and how many of
+    its targeted linears run there."""
     from seftkit.kernels import SparseLinear, sparsify_model
     from seftkit.models import target_linears
 
     targets = len(target_linears(model))
     if backend == "dense":
         return model, 0, targets
-    swapped = sparsify_model(copy.deepcopy(model), backend="auto")
+    swapped = sparsify_model(model if in_place else copy.deepcopy(model), backend="auto")
     on_kernels = sum(isinstance(m, SparseLinear) for m in swapped.modules())
     if backend == "sparse" and on_kernels == 0:
         raise SeftkitError("--backend sparse: no targeted linear runs on the sparse kernels (the model is not "
@@ -149,16 +149,19 @@ def generate(
     from seftkit.models import load_model
 
     config = config or GenerateConfig(max_new_tokens=max_new_tokens, **options)
-    if isinstance(model, (str, os.PathLike)):
+    loaded_here = isinstance(model, (str, os.PathLike))
+    if loaded_here:
         name = str(model)
         model, tokenizer = load_model(model, device=config.device, dtype=config.dtype)
     else:
         name = type(model).__name__
         if tokenizer is None:
             raise SeftkitError("generate() with a loaded model needs its tokenizer")
-    runner, on_kernels, targets = prepare_model(model, config.backend)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # a model we loaded is ours to swap; a caller's model stays as it was
+    runner, on_kernels, targets = prepare_model(model, config.backend, in_place=loaded_here)
     ids, templated = prompt_ids(tokenizer, prompt, config.chat_template)
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(next(runner.parameters()).device)
     saved_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -170,7 +173,7 @@ def generate(
     prefill = clock.arrivals[0] - clock.start
     decode = clock.arrivals[-1] - clock.arrivals[0]
     return GenerateReport(
-        model=name, backend=config.backend, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        model=name, backend=config.backend, dtype=dtype,
         threads=threads, sampled=config.sample, chat_template=templated, sparse_layers=on_kernels,
         target_layers=targets, prompt_tokens=ids.shape[1], new_tokens=len(new), prefill_seconds=prefill,
         decode_seconds=decode, prefill_tokens_per_s=ids.shape[1] / prefill,

@@ -317,6 +317,24 @@ def ort_logits(folder: Path, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarra
     return session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
 
 
+def assert_cached_graph_generates_like_torch(folder: Path, model: torch.nn.Module, report: ExportReport) -> None:
+    """The KV-cache graph has Optimum's names and greedy-generates torch's tokens (a prompt of our own here)."""
+    import onnxruntime as ort
+
+    assert report.parity["cached_greedy_tokens_equal"] == report.parity["cached_greedy_tokens"] == 16
+    session = ort.InferenceSession(str(folder / onnx_export.CACHED_GRAPH_NAME), providers=["CPUExecutionProvider"])
+    layers = model.config.num_hidden_layers
+    assert [i.name for i in session.get_inputs()] == [
+        "input_ids", "attention_mask", "position_ids", *onnx_export.past_names(layers)]
+    assert [o.name for o in session.get_outputs()] == ["logits", *onnx_export.present_names(layers)]
+    prompt = torch.tensor([[5, 17, 42, 9, 77]])
+    got, _ = onnx_export.ort_greedy(session, prompt.numpy(), 16)
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                  min_new_tokens=16, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert got == expected
+
+
 def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
     import onnx
 
@@ -336,6 +354,7 @@ def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(ort_logits(tmp_path / "onnx", ids, mask), expected, atol=1e-4, rtol=0)
+    assert_cached_graph_generates_like_torch(tmp_path / "onnx", model, report)
     # the parity check catches a graph that is not the model: nudge one weight in torch only
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
@@ -355,6 +374,11 @@ def test_onnx_sparse_initializers_gpt2(tmp_path):
     assert sparse.export_bytes < dense.export_bytes
     assert sparse.parity["max_abs_diff"] < 1e-4
     assert any("onnxruntime densifies them at load" in note for note in sparse.notes)
+    cached = onnx.load(tmp_path / "sparse" / onnx_export.CACHED_GRAPH_NAME)
+    assert len(cached.graph.sparse_initializer) == sparse.parity["sparse_initializers_model_with_past.onnx"] == 8
+    model, _ = load_model(src, with_tokenizer=False)
+    assert_cached_graph_generates_like_torch(tmp_path / "dense", model, dense)
+    assert_cached_graph_generates_like_torch(tmp_path / "sparse", model, sparse)
 
 
 # ---------------------------------------------------------------- CLI and bad input
