@@ -35,9 +35,7 @@ if TYPE_CHECKING:
     from seftkit.sparsity.targets import TargetRule
 
 GRAPH_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
 CACHED_GRAPH_NAME = "model_with_past.onnx"
-CACHED_DATA_NAME = "model_with_past.onnx.data"
 CACHE_CHECK_TOKENS = 16  # greedy tokens the cached graph must reproduce exactly
 PARITY_TOLERANCE = 1e-4  # fp32 logits, max abs diff against torch, per unit of logit scale (see check_parity)
 SPARSE_INITIALIZER_MIN_SPARSITY = 2 / 3
