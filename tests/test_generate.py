@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tokenizer
 
 import seftkit
 from seftkit.cli.main import cli
@@ -20,8 +20,21 @@ from seftkit.sparsity.masks import unstructured_mask
 PROMPT = "The quick brown fox"
 
 
+def tiny_gemma3():
+    """Gemma-3 with a sliding window shorter than the generated text (the conftest families have none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=256, sliding_window=4, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
 def pruned_tiny(family: str, sparsity: float = 0.7):
-    model, tokenizer = make_tiny_model(family)
+    model, tokenizer = tiny_gemma3() if family == "gemma3" else make_tiny_model(family)
     with torch.no_grad():
         for module in target_linears(model).values():
             weight = linear_weight(module)
@@ -37,7 +50,7 @@ def dense_greedy(model, tokenizer, tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3", "gpt2", "opt"])
 def test_sparse_greedy_tokens_equal_dense_transformers(family):
     model, tokenizer = pruned_tiny(family)
     expected = dense_greedy(model, tokenizer, 12)
