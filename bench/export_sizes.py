@@ -12,25 +12,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# (label, --sparsity, --nm) of the pruned copies; (format, options) of the exports of each
+from seftkit.exporters.registry import FORMATS
+
+# (label, --sparsity, --nm) of the pruned copies; every format's bench variants are exported from each
 PATTERNS = {"50%": (0.5, None), "70%": (0.7, None), "2:4": (None, "2:4")}
-EXPORTS = {
-    "csr": ("csr", {}),
-    "csr+nm24": ("csr", {"nm_layout": True}),
-    "compressed": ("compressed", {}),
-    "onnx": ("onnx", {}),
-    "onnx+sparse-init": ("onnx", {"sparse_initializers": True}),
-}
+EXPORTS = {variant.name: (fmt.name, variant) for fmt in FORMATS.values() for variant in fmt.bench}
 
 
 def applies(export: str, label: str) -> bool:
-    """The 2:4 layout only for 2:4 copies; ONNX sparse initializers only where they pay off (> 2/3 sparse)."""
-    sparsity, nm = PATTERNS[label]
-    if export == "csr+nm24":
-        return nm == "2:4"
-    if export == "onnx+sparse-init":
-        return sparsity is not None and sparsity > 2 / 3
-    return True
+    """Whether the variant fits the copy (e.g. the 2:4 layout only for 2:4 copies), as its registry entry says."""
+    return EXPORTS[export][1].applies(*PATTERNS[label])
 
 
 def prune_copy(model_spec: str, label: str, out: Path) -> Path:
@@ -69,8 +60,8 @@ def main() -> None:
     for label in args.patterns.split(","):
         src = prune_copy(args.model, label, args.out / f"pruned-{label.replace(':', '-').rstrip('%')}")
         for name in (e for e in args.exports.split(",") if applies(e, label)):
-            fmt, options = EXPORTS[name]
-            report = export_model(src, fmt, args.out / f"{src.name}-{name}", overwrite=True, **options)
+            fmt, variant = EXPORTS[name]
+            report = export_model(src, fmt, args.out / f"{src.name}-{name}", overwrite=True, options=variant.options)
             diff = report.parity["max_abs_diff"]
             proof = "bit-exact" if diff == 0.0 else f"max abs diff {diff:.1e}"
             print(f"| {label} | {name} | {report.layout.split(' (')[0]} | {report.export_bytes / 1e6:.1f} | "

@@ -1,19 +1,20 @@
-"""``seftkit export``: write a sparse model as CSR, compressed-tensors or ONNX, proven by reading it back."""
+"""``seftkit export``: write a sparse model in a format other tools read, proven by reading it back."""
 
 from __future__ import annotations
 
 import click
 
 from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.exporters.registry import FORMATS
 
 
-@click.command()
+@click.command(help="Export MODEL (HF folder or built-in name) to --out in a format other tools read.\n\n"
+               + "\n\n".join(f"{f.name}: {f.description}." for f in FORMATS.values()))
 @click.argument("model")
-@click.option("--format", "fmt", required=True, metavar="csr|compressed|onnx",
-              help="csr: CSR in safetensors (scipy/torch); compressed: compressed-tensors (vLLM); onnx: logits graph.")
+@click.option("--format", "fmt", required=True, metavar="|".join(FORMATS), help="Export format (see above).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
 @click.option("--dtype", default="auto", show_default=True,
-              help="auto (as stored), fp32, bf16 or fp16. ONNX is fp32 only.")
+              help="auto (as the checkpoint stores it), fp32, bf16 or fp16. ONNX is fp32 only.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the torch exporter's).")
 @click.option("--sparse-initializers", is_flag=True,
               help="ONNX: store weights above 2/3 sparsity as sparse initializers (smaller file; ORT densifies).")
@@ -26,13 +27,12 @@ from seftkit.cli.common import handle_errors, json_option, write_report
 @handle_errors
 def export(model: str, fmt: str, out: str, dtype: str, opset: int | None, sparse_initializers: bool,
            nm_layout: bool, include: str | None, exclude: str | None, overwrite: bool, json_path: str | None) -> None:
-    """Export MODEL (HF folder or built-in name) to --out in a sparse format other tools read."""
-    from seftkit.exporters import export_model
+    from seftkit.exporters import ExportOptions, export_model
     from seftkit.sparsity.targets import TargetRule
 
-    report = export_model(model, fmt, out, dtype=dtype, opset=opset, sparse_initializers=sparse_initializers,
-                          nm_layout=nm_layout, overwrite=overwrite, rule=TargetRule(include, exclude),
-                          progress=True)
+    options = ExportOptions(opset=opset, sparse_initializers=sparse_initializers, nm_layout=nm_layout)
+    report = export_model(model, fmt, out, dtype=dtype, options=options, overwrite=overwrite,
+                          rule=TargetRule(include, exclude), progress=True)
     click.echo(f"exported {model} as {report.layout} ({report.dtype}) to {report.out}")
     click.echo(f"  {report.targets} sparse weights at {report.sparsity:.1%} zeros; weights "
                f"{report.export_bytes / 1e6:.1f} MB vs {report.dense_bytes / 1e6:.1f} MB dense "

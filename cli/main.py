@@ -15,8 +15,9 @@ COMMANDS = {
     "repair": ("seftkit.cli.repair", "Repair a sparse model with SEFT (or a baseline) without losing sparsity."),
     "verify": ("seftkit.cli.verify", "Prove a model folder is sparse (reads safetensors; no torch needed)."),
     "bench": ("seftkit.cli.bench", "Measure sparse vs dense inference speed on this machine."),
-    "export": ("seftkit.cli.export", "Export a sparse model as CSR, compressed-tensors or ONNX."),
+    "export": ("seftkit.cli.export", "Export a sparse model: plain HF + manifest, CSR, compressed-tensors, ONNX."),
     "eval": ("seftkit.cli.eval", "Perplexity and zero-shot multiple-choice accuracy, offline."),
+    "generate": ("seftkit.cli.generate", "Generate text on the sparse kernels; prefill and decode tokens/s."),
 }
 
 

@@ -6,6 +6,7 @@ that format is meant for, and fills an :class:`ExportReport` with the sizes and 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from seftkit.sparsity.targets import TargetRule
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "export_report.json"
 
@@ -45,6 +48,12 @@ class ExportReport:
         """``size_ratio`` is export over the same tensors stored dense in the same dtype (< 1 saves space)."""
         self.dense_bytes, self.export_bytes = dense, export
         self.size_ratio = export / dense if dense else 0.0
+
+
+def warn(report: ExportReport, message: str) -> None:
+    """A warning the user sees on stderr now and finds in the report later."""
+    log.warning("warning: %s", message)
+    report.notes.append(message)
 
 
 @dataclass(frozen=True)

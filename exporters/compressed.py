@@ -1,10 +1,12 @@
-"""compressed-tensors checkpoints (``sparse-bitmask``, ``sparse-24-bitmask``), the layout vLLM and LLM Compressor read.
+"""compressed-tensors sparse checkpoints (``sparse-bitmask``, ``sparse-24-bitmask``) as written by <= 0.12.
 
-compressed-tensors 0.20 still defines these formats (``BitmaskConfig``, ``Sparse24BitMaskConfig``, the
-``pack_bitmasks`` bit order) but dropped the compressors that wrote and read them, so this module writes the
-tensors exactly as the library's ``BitmaskCompressor`` / ``Sparse24BitMaskCompressor`` did (byte-identical to
-0.12.2, which also decompresses these exports exactly), using the library's own config classes and bit
-packing. Per targeted module ``<m>`` (weight as stored by HF):
+Current runtimes do not load these: vLLM 0.19 removed its 2:4 sparse support and rejects sparsity configs, and
+compressed-tensors 0.20 removed the sparse compressors; seftkit's :func:`load_model` (and compressed-tensors
+0.12.2) read them. compressed-tensors 0.20 still defines these formats (``BitmaskConfig``,
+``Sparse24BitMaskConfig``, the ``pack_bitmasks`` bit order) but dropped the compressors that wrote and read them,
+so this module writes the tensors exactly as the library's ``BitmaskCompressor`` / ``Sparse24BitMaskCompressor``
+did (byte-identical to 0.12.2, which also decompresses these exports exactly), using the library's own config
+classes and bit packing. Per targeted module ``<m>`` (weight as stored by HF):
 
 - ``sparse-bitmask``: ``<m>.shape`` (int64 [2]), ``<m>.compressed`` (the non-zeros, row-major),
   ``<m>.bitmask`` (uint8 [rows, ceil(cols/8)], little bit order), ``<m>.row_offsets`` (int64 [rows]).
@@ -35,6 +37,8 @@ from seftkit.sparsity.targets import TargetRule
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+
+    from seftkit.exporters.registry import ExportOptions
 
 WEIGHTS_NAME = "model.safetensors"
 BITMASK, SPARSE24 = "sparse-bitmask", "sparse-24-bitmask"
@@ -115,17 +119,24 @@ def write(model: PreTrainedModel, folder: Path, rule: TargetRule | None = None) 
     return fmt
 
 
-def reader_note() -> str | None:
-    """Why the installed compressed-tensors cannot load the checkpoint itself, when that is the case."""
+def export(model: PreTrainedModel, folder: Path, report: ExportReport, rule: TargetRule | None,
+           options: ExportOptions) -> None:
+    """The registry's entry point: write, record the format chosen and who can read it."""
+    report.layout = write(model, folder, rule)
+    report.notes.append(reader_note())
+
+
+def reader_note() -> str:
+    """Who reads the checkpoint: current runtimes do not; which reader the installed library is."""
     import compressed_tensors
 
+    runtimes = ("vLLM >= 0.19 and compressed-tensors >= 0.20 do not load sparse compressed-tensors checkpoints; "
+                "read it with seftkit.exporters.compressed.load_model or compressed-tensors <= 0.12 (checked: 0.12.2)")
     try:
         from compressed_tensors.compressors import BitmaskCompressor  # noqa: F401  (0.12.2 has it, 0.20 not)
     except ImportError:
-        return (f"the installed compressed-tensors {compressed_tensors.__version__} (and transformers on top of it) "
-                "no longer decompresses sparse checkpoints: read this with a release that still has "
-                "BitmaskCompressor (checked: 0.12.2) or with seftkit.exporters.compressed.load_model")
-    return None
+        return f"{runtimes}; the installed compressed-tensors {compressed_tensors.__version__} cannot"
+    return f"{runtimes}; the installed compressed-tensors {compressed_tensors.__version__} can"
 
 
 def sparsity_config(folder: str | Path) -> dict:
@@ -162,7 +173,7 @@ def load_model(folder: str | Path) -> PreTrainedModel:
     return model_from_tensors(Path(folder), load_state_dict(folder))
 
 
-def verify(model: PreTrainedModel, folder: Path, report: ExportReport) -> None:
+def verify(model: PreTrainedModel, folder: Path, report: ExportReport, rule: TargetRule | None = None) -> None:
     """Decompress the checkpoint and load it; every tensor must equal the model's."""
     mismatched, compared = reload_mismatches(model, folder, load_model, report)
     if mismatched:

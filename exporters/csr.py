@@ -23,6 +23,7 @@ from seftkit.exporters.common import (
     reload_mismatches,
     target_weights,
     unique_state_dict,
+    warn,
 )
 from seftkit.io import write_json
 from seftkit.sparsity.masks import nm_valid
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     import scipy.sparse
     import torch
     from transformers import PreTrainedModel
+
+    from seftkit.exporters.registry import ExportOptions
 
 FORMAT = "seftkit-csr"
 VERSION = 1
@@ -134,6 +137,18 @@ def write(model: PreTrainedModel, folder: Path, rule: TargetRule | None = None, 
     return manifest
 
 
+def export(model: PreTrainedModel, folder: Path, report: ExportReport, rule: TargetRule | None,
+           options: ExportOptions) -> None:
+    """The registry's entry point: write, and say in the layout how many weights took the 2:4 layout."""
+    manifest = write(model, folder, rule, nm_layout=options.nm_layout)
+    if options.nm_layout:
+        nm24 = sum(entry["layout"] == NM24 for entry in manifest["tensors"].values())
+        report.layout = f"csr+nm24 ({nm24} of {report.targets} weights in the 2:4 layout)"
+        if nm24 < report.targets:
+            warn(report, f"{report.targets - nm24} targeted weights are not 2:4 (or their width is not a multiple "
+                         "of 8) and were stored as CSR")
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
@@ -194,7 +209,7 @@ def load_model(folder: str | Path) -> PreTrainedModel:
     return model_from_tensors(Path(folder), load_state_dict(folder))
 
 
-def verify(model: PreTrainedModel, folder: Path, rule: TargetRule | None, report: ExportReport) -> None:
+def verify(model: PreTrainedModel, folder: Path, report: ExportReport, rule: TargetRule | None = None) -> None:
     """Read the export back with torch (whole model) and scipy (every sparse matrix); both must be exact."""
     import numpy as np
     import torch

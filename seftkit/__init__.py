@@ -21,6 +21,7 @@ _API = {
     "evaluate": "seftkit.eval",
     "perplexity": "seftkit.eval",
     "sparsify_model": "seftkit.kernels",
+    "generate": "seftkit.generation",
 }
 
 __all__ = ["__version__", *_API]

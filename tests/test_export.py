@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import save_tiny_model
 
 from seftkit.cli.main import cli
 from seftkit.errors import SeftkitError
-from seftkit.exporters import compressed, csr, export_model
+from seftkit.exporters import FORMATS, ExportOptions, compressed, csr, export_model, hf
 from seftkit.exporters import onnx as onnx_export
 from seftkit.exporters.common import REPORT_NAME, ExportReport, target_weights
 from seftkit.models import linear_weight, load_model, save_model, target_linears
@@ -59,6 +60,88 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.arange(24).reshape(2, 12) % model.config.vocab_size
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- plain HF + manifest
+
+
+def test_hf_folder_loads_in_plain_transformers_with_its_manifest(pruned_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = export_model(pruned_dir, "hf", tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert_same_weights(pruned_dir, loaded)
+    manifest = json.loads((tmp_path / "hf" / hf.MANIFEST_NAME).read_text())
+    model, _ = load_model(pruned_dir, with_tokenizer=False)
+    targets = target_weights(model)
+    assert manifest["layers"].keys() == targets.keys() and report.targets == len(targets)
+    for name, target in targets.items():
+        assert manifest["layers"][name]["nnz"] == int((target.matrix != 0).sum())
+        assert manifest["layers"][name]["shape"] == list(target.matrix.shape)
+    assert manifest["layers"][name]["sparsity"] == pytest.approx(0.6, abs=0.02)
+    written = {p.name for p in (tmp_path / "hf").iterdir()} - {hf.MANIFEST_NAME, REPORT_NAME}
+    assert set(manifest["files"]) == written and "model.safetensors" in written
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "hf" / name).read_bytes()).hexdigest()
+    assert report.parity["files_hashed"] == len(written) and report.notes == []  # dense storage is no warning
+    assert report.dtype == "float32" and report.export_bytes > report.dense_bytes  # + header and manifest
+
+
+def test_hf_manifest_catches_a_changed_file(llama_24_dir, tmp_path):
+    export_model(llama_24_dir, "hf", tmp_path / "hf")
+    assert hf.check_manifest(tmp_path / "hf")["format"] == hf.FORMAT
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(config.read_text().replace("\n", "\n "))
+    with pytest.raises(SeftkitError, match="config.json does not match hf_manifest.json"):
+        hf.check_manifest(tmp_path / "hf")
+
+
+def test_bf16_in_gives_bf16_out_of_the_same_size(llama_24_dir, tmp_path):
+    model, tokenizer = load_model(llama_24_dir, dtype="bf16")
+    save_model(model, tokenizer, tmp_path / "bf16")
+    report = export_model(tmp_path / "bf16", "hf", tmp_path / "out")  # --dtype auto: as stored
+    assert report.dtype == "bfloat16"
+    src, out = (tmp_path / d / "model.safetensors" for d in ("bf16", "out"))
+    assert out.stat().st_size == src.stat().st_size and out.read_bytes() == src.read_bytes()
+    assert_same_weights(tmp_path / "bf16", hf.load_model(tmp_path / "out"))
+
+
+def test_hf_dtype_option_converts(llama_24_dir, tmp_path):
+    fp32 = export_model(llama_24_dir, "hf", tmp_path / "fp32")
+    half = export_model(llama_24_dir, "hf", tmp_path / "fp16", dtype="fp16")
+    loaded = hf.load_model(tmp_path / "fp16")
+    assert half.dtype == "float16" and {p.dtype for p in loaded.parameters()} == {torch.float16}
+    reference, _ = load_model(llama_24_dir, dtype="fp16", with_tokenizer=False)
+    assert_same_weights_as(reference, loaded)
+    weights = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "fp16")]
+    assert weights[1] < 0.51 * weights[0] and half.dense_bytes * 2 == fp32.dense_bytes
+
+
+def assert_same_weights_as(reference: torch.nn.Module, model: torch.nn.Module) -> None:
+    got = model.state_dict()
+    for name, tensor in reference.state_dict().items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+# ---------------------------------------------------------------- the format registry
+
+
+def test_every_registered_format_has_its_module_and_help():
+    import importlib
+
+    from seftkit.bench import export_sizes
+
+    help_text = run_cli("--help").stdout
+    for fmt in FORMATS.values():
+        module = importlib.import_module(f"seftkit.exporters.{fmt.module}")
+        assert callable(module.export) and callable(module.verify), fmt.name
+        assert f"{fmt.name}:" in help_text
+        assert all(option in ("opset", "sparse_initializers", "nm_layout") for option in fmt.options)
+    assert {name for name, _ in export_sizes.EXPORTS.values()} == set(FORMATS)
+    assert export_sizes.applies("csr+nm24", "2:4") and not export_sizes.applies("csr+nm24", "70%")
+    assert export_sizes.applies("onnx+sparse-init", "70%") and not export_sizes.applies("onnx+sparse-init", "50%")
+    described = " ".join(help_text.split())
+    assert "compressed-tensors <= 0.12; current runtimes (vLLM >= 0.19" in described and "vLLM format" not in described
 
 
 # ---------------------------------------------------------------- CSR
@@ -128,7 +211,7 @@ def test_nm24_codec_round_trips_with_spare_zeros():
 
 def test_nm_layout_export_is_exact_and_smaller_than_csr(llama_24_dir, tmp_path):
     plain = export_model(llama_24_dir, "csr", tmp_path / "csr")
-    packed = export_model(llama_24_dir, "csr", tmp_path / "nm", nm_layout=True)
+    packed = export_model(llama_24_dir, "csr", tmp_path / "nm", options=ExportOptions(nm_layout=True))
     manifest = json.loads((tmp_path / "nm" / csr.MANIFEST_NAME).read_text())
     layouts = [e["layout"] for e in manifest["tensors"].values() if e["layout"] != csr.DENSE]
     assert layouts == [csr.NM24] * packed.targets and packed.layout.startswith("csr+nm24 (14 of 14")
@@ -140,7 +223,7 @@ def test_nm_layout_export_is_exact_and_smaller_than_csr(llama_24_dir, tmp_path):
 
 
 def test_nm_layout_keeps_non_24_weights_as_csr(pruned_dir, tmp_path):
-    report = export_model(pruned_dir, "csr", tmp_path / "nm", nm_layout=True)
+    report = export_model(pruned_dir, "csr", tmp_path / "nm", options=ExportOptions(nm_layout=True))
     assert report.layout.startswith("csr+nm24 (0 of")
     assert any("were stored as CSR" in note for note in report.notes)
     assert_same_weights(pruned_dir, csr.load_model(tmp_path / "nm"))
@@ -234,6 +317,24 @@ def ort_logits(folder: Path, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarra
     return session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
 
 
+def assert_cached_graph_generates_like_torch(folder: Path, model: torch.nn.Module, report: ExportReport) -> None:
+    """The KV-cache graph has Optimum's names and greedy-generates torch's tokens (a prompt of our own here)."""
+    import onnxruntime as ort
+
+    assert report.parity["cached_greedy_tokens_equal"] == report.parity["cached_greedy_tokens"] == 16
+    session = ort.InferenceSession(str(folder / onnx_export.CACHED_GRAPH_NAME), providers=["CPUExecutionProvider"])
+    layers = model.config.num_hidden_layers
+    assert [i.name for i in session.get_inputs()] == [
+        "input_ids", "attention_mask", "position_ids", *onnx_export.past_names(layers)]
+    assert [o.name for o in session.get_outputs()] == ["logits", *onnx_export.present_names(layers)]
+    prompt = torch.tensor([[5, 17, 42, 9, 77]])
+    got, _ = onnx_export.ort_greedy(session, prompt.numpy(), 16)
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                  min_new_tokens=16, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert got == expected
+
+
 def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
     import onnx
 
@@ -253,6 +354,7 @@ def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(ort_logits(tmp_path / "onnx", ids, mask), expected, atol=1e-4, rtol=0)
+    assert_cached_graph_generates_like_torch(tmp_path / "onnx", model, report)
     # the parity check catches a graph that is not the model: nudge one weight in torch only
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
@@ -265,13 +367,18 @@ def test_onnx_sparse_initializers_gpt2(tmp_path):
 
     src = prune_copy(save_tiny_model(tmp_path / "gpt2", "gpt2"), tmp_path / "gpt2-80", sparsity=0.8)
     dense = export_model(src, "onnx", tmp_path / "dense")
-    sparse = export_model(src, "onnx", tmp_path / "sparse", sparse_initializers=True, opset=18)
+    sparse = export_model(src, "onnx", tmp_path / "sparse", options=ExportOptions(sparse_initializers=True, opset=18))
     graph = onnx.load(tmp_path / "sparse" / "model.onnx")
     assert sparse.parity["opset"] == 18 and {o.version for o in graph.opset_import if o.domain == ""} == {18}
     assert len(graph.graph.sparse_initializer) == sparse.targets == 8  # 4 Conv1D per block, 2 blocks
     assert sparse.export_bytes < dense.export_bytes
     assert sparse.parity["max_abs_diff"] < 1e-4
     assert any("onnxruntime densifies them at load" in note for note in sparse.notes)
+    cached = onnx.load(tmp_path / "sparse" / onnx_export.CACHED_GRAPH_NAME)
+    assert len(cached.graph.sparse_initializer) == sparse.parity["sparse_initializers_model_with_past.onnx"] == 8
+    model, _ = load_model(src, with_tokenizer=False)
+    assert_cached_graph_generates_like_torch(tmp_path / "dense", model, dense)
+    assert_cached_graph_generates_like_torch(tmp_path / "sparse", model, sparse)
 
 
 # ---------------------------------------------------------------- CLI and bad input
@@ -304,10 +411,12 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--format", "gguf"], "unknown export format 'gguf': choose one of csr, compressed, onnx"),
+    (["--format", "gguf"], "unknown export format 'gguf': choose one of hf, csr, compressed, onnx"),
     (["--format", "onnx", "--nm-layout"], "--nm-layout applies to --format csr only"),
-    (["--format", "csr", "--opset", "18"], "--opset and --sparse-initializers apply to --format onnx only"),
-    (["--format", "onnx", "--dtype", "bf16"], "ONNX export is fp32 only"),
+    (["--format", "csr", "--opset", "18"], "--opset applies to --format onnx only"),
+    (["--format", "hf", "--sparse-initializers"], "--sparse-initializers applies to --format onnx only"),
+    (["--format", "onnx", "--dtype", "bf16"], "--format onnx writes fp32 only, not bf16"),
+    (["--format", "onnx", "--opset", "17"], "--opset 17 is too old for the torch exporter"),
     (["--format", "csr", "--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_bad_options_fail_in_one_line(llama_24_dir, tmp_path, args, message):
