@@ -371,8 +371,9 @@ def test_build_failure_falls_back_to_dense_with_a_warning(monkeypatch):
         assert not any(isinstance(m, SparseLinear) for m in model.modules())
         report = bench_layers([(16, 32)], SparsityPattern(sparsity=0.5), [1], torch.float32, rounds=1,
                               streaming=False, progress=False)
-        assert "sparse" in report.skipped
-        assert [set(r.timings) for r in report.results] == [{"dense"}] and report.results[0].speedup is None
+        assert "sparse" in report.skipped and "auto" in report.skipped
+        assert [set(r.timings) for r in report.results] == [{"dense-bf16", "dense-fp32"}]
+        assert report.results[0].speedup is None and report.results[0].fastest_dense in ("dense-bf16", "dense-fp32")
         assert "skipped sparse: native kernels could not be built" in "\n".join(format_layers(report))
     finally:
         build.native.cache_clear()
@@ -433,23 +434,38 @@ def run_bench(*args):
 def test_bench_command_on_a_model_reports_layers_and_decode(llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = run_bench(llama_dir, "--sparsity", 0.7, "--dtype", "fp32", "--batch", "1,3", "--rounds", 1,
-                       "--tokens", 4, "--no-stream", "--json", out)
+                       "--tokens", 4, "--threads", "1,1", "--no-stream", "--json", out)
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    layers = report["layers"]
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["threads"] for run in runs] == [1]  # repeated counts run once
+    layers, decode = runs[0]["layers"], runs[0]["decode"]
     # tiny llama: q/o 32x32, k/v 16x32, gate/up 64x32, down 32x64 -> four shapes, two batches each
     assert [(tuple(r["shape"]), r["batch"]) for r in layers["results"]] == [
         (shape, batch) for shape in ((32, 32), (16, 32), (64, 32), (32, 64)) for batch in (1, 3)]
-    assert all(set(r["timings"]) == {"dense", "sparse"} and r["speedup"] > 0 for r in layers["results"])
+    for r in layers["results"]:
+        t = r["timings"]
+        assert set(t) == {"dense-bf16", "dense-fp32", "sparse", "auto"}
+        assert r["fastest_dense"] == min(("dense-bf16", "dense-fp32"), key=lambda n: t[n]["min_ms"])
+        assert r["speedup"] == pytest.approx(t[r["fastest_dense"]]["min_ms"] / t["sparse"]["min_ms"])
+        assert r["speedup_same_dtype"] == pytest.approx(t["dense-fp32"]["min_ms"] / t["sparse"]["min_ms"])
+        assert r["auto_vs_dense"] == pytest.approx(t["auto"]["min_ms"] / t["dense-fp32"]["min_ms"])
+        assert t["sparse"]["gbps"] == pytest.approx(t["sparse"]["bytes_per_weight"] * r["shape"][0] * r["shape"][1]
+                                                    / t["sparse"]["min_ms"] / 1e6)
     assert layers["machine"]["threads"] == 1 and layers["machine"]["stream_bytes"] == 0
+    assert layers["machine"]["stream_read_gbps"] is None
     totals = layers["totals"]
     assert [t["batch"] for t in totals] == [1, 3]
     by_shape = {(tuple(r["shape"]), r["batch"]): r["timings"] for r in layers["results"]}
     counts = {(32, 32): 4, (16, 32): 4, (64, 32): 4, (32, 64): 2}  # two blocks
-    expected = sum(n * by_shape[shape, 1]["sparse"]["min_ms"] for shape, n in counts.items())
-    assert totals[0]["sparse_ms"] == pytest.approx(expected)
-    decode = report["decode"]
-    assert decode["sparse_layers"] == decode["target_layers"] == 14
+    expected = {name: sum(n * by_shape[shape, 1][name]["min_ms"] for shape, n in counts.items())
+                for name in ("sparse", "dense-bf16", "dense-fp32")}
+    assert totals[0]["sparse_ms"] == pytest.approx(expected["sparse"])
+    assert totals[0]["dense_ms"] == pytest.approx(min(expected["dense-bf16"], expected["dense-fp32"]))
+    assert decode["sparse_layers"] == decode["target_layers"] == 14 and decode["threads"] == 1
+    assert set(decode["dense_tokens_per_s"]) == {"bf16", "fp32"} and decode["dtype"] == "fp32"
+    fastest = max(decode["dense_tokens_per_s"], key=decode["dense_tokens_per_s"].get)
+    assert decode["fastest_dense"] == fastest
+    assert decode["speedup"] == pytest.approx(decode["sparse_tokens_per_s"] / decode["dense_tokens_per_s"][fastest])
     assert decode["identical_tokens"] == decode["compared_tokens"] == 4
     assert decode["prompt_logits_max_diff"] < 1e-3
     assert "decode" in result.stdout and "tok/s" in result.stdout and "ceiling" in result.stdout
@@ -459,7 +475,8 @@ def test_bench_command_on_a_model_reports_layers_and_decode(llama_dir, tmp_path)
     (["--sparsity", "0.5", "--nm", "2:4"], "give either --sparsity or --nm, not both"),
     (["--nm", "2:4", "--batch", "1,x"], "--batch takes comma-separated positive integers"),
     (["--nm", "2:4", "--batch", "0"], "--batch takes comma-separated positive integers"),
-    (["--sparsity", "0.5", "--backends", "dense,warp"], "unknown backend 'warp'"),
+    (["--nm", "2:4", "--threads", "1,many"], "--threads takes comma-separated positive integers"),
+    (["--sparsity", "0.5", "--backends", "dense-bf16,warp"], "unknown backend 'warp'"),
     (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(args, message):
