@@ -219,10 +219,23 @@ def same_dtype_dense(dtype: torch.dtype) -> str:
     return next(name for name, d in DENSE_BACKENDS.items() if d == dtype)
 
 
+def _clone(operand: Any) -> Any:
+    if isinstance(operand, SparseLinear):
+        return SparseLinear(operand.packed.clone(), operand.bias, operand.isa)
+    return operand.clone()
+
+
+def _footprint(operand: Any, nbytes: int) -> int:
+    """Bytes one copy may hold: an ``auto`` layer can add a dense copy once dense wins a batch size."""
+    if isinstance(operand, SparseLinear):
+        return nbytes + operand.out_features * operand.in_features * operand.values.element_size()
+    return nbytes
+
+
 def _copies(backend: _Backend, weight: torch.Tensor, stream_bytes: int) -> list[Any]:
     first = backend.operand(weight)
-    count = max(1, math.ceil(stream_bytes / backend.nbytes(first)))
-    return [first] + [backend.operand(weight) for _ in range(count - 1)]
+    count = max(1, math.ceil(stream_bytes / _footprint(first, backend.nbytes(first))))
+    return [first] + [_clone(first) for _ in range(count - 1)]
 
 
 def _time_round(backend: _Backend, x: torch.Tensor, operands: list[Any], min_calls: int) -> float:

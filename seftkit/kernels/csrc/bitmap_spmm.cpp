@@ -102,6 +102,7 @@ struct ExpandTables {
 const ExpandTables kExpand;
 
 #define SEFTKIT_AVX2 "avx2,fma,popcnt"
+constexpr int64_t kPrefetchBytes = 1024;
 
 // Both read 8 values even when fewer are kept: packed values end with padding (formats.VALUE_PAD).
 __attribute__((target(SEFTKIT_AVX2), always_inline)) inline __m256 expand8(uint32_t mask, const uint16_t* v) {
@@ -134,6 +135,9 @@ __attribute__((target(SEFTKIT_AVX2))) void row_avx2(const RowArgs& a) {
   for (int64_t w = 0; w < a.words; ++w) {
     const uint32_t word = a.bits[w];
     const float* xc = x + w * kWordBits;
+    // The value stream is the one that misses cache; a word consumes a third of a line at 70% bf16, so one
+    // prefetch per word, well ahead, keeps it in flight without a branch.
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     const V* v1 = v + __builtin_popcount(word & 0xFFu);
     const V* v2 = v + __builtin_popcount(word & 0xFFFFu);
     const V* v3 = v + __builtin_popcount(word & 0xFFFFFFu);
