@@ -174,7 +174,8 @@ __attribute__((target(SEFTKIT_AVX512), always_inline)) inline const float* f32_w
 }
 
 // Even and odd words accumulate separately: at batch 1 a single accumulator would serialise every FMA
-// on its latency, and the row would run slower than memory delivers it. (Same in the kernels below.)
+// on its latency, and the row would run slower than memory delivers it. The value stream is prefetched as on
+// AVX2, once per two words. (Same in the kernels below.)
 template <int B>
 __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   const float* v = static_cast<const float*>(a.values);
@@ -183,6 +184,7 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = f32_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = f32_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
@@ -212,6 +214,7 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_bf16(const RowArgs& a) {
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = bf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = bf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
@@ -239,6 +242,7 @@ __attribute__((target(SEFTKIT_AVX512 ",avx512bf16"))) void row_avx512_dpbf16(con
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = dpbf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = dpbf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
