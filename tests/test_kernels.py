@@ -181,6 +181,9 @@ def test_sparsify_model_passes_the_choice_to_every_layer():
     swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(swapped) == 14 and all(m.choice is choice and m.dense_copy is not None for m in swapped)
     assert len(calls) == 4  # one timing per distinct shape (q/o, k/v, gate/up, down), bucket 4
+    import copy
+
+    assert all(m.choice is choice for m in copy.deepcopy(model).modules() if isinstance(m, SparseLinear))
 
 
 def test_rows_split_across_threads_give_the_same_result():

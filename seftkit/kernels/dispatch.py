@@ -71,6 +71,9 @@ class KernelChoice:
         self.decisions: dict[ChoiceKey, bool] = {}
         self.timings: dict[ChoiceKey, tuple[float, float]] = {}
 
+    def __deepcopy__(self, memo: dict) -> KernelChoice:
+        return self  # a copied model keeps sharing the timings (they describe this machine, not the model)
+
     def key(self, layer: SparseLinear, rows: int, x_dtype: torch.dtype) -> ChoiceKey:
         density = layer.packed.nnz / (layer.out_features * layer.in_features)
         return ChoiceKey((layer.out_features, layer.in_features), layer.values.dtype, x_dtype, layer.nm,
