@@ -426,6 +426,18 @@ def test_cuda24_linear_matches_dense():
     torch.testing.assert_close(F.linear(x, cuda24.to_cuda24(weight)), F.linear(x, weight), rtol=1e-2, atol=1e-2)
 
 
+def test_streamed_weight_copies_are_distinct_memory():
+    from seftkit.bench.layers import _copies, cpu_backends
+
+    weight = pruned(64, 96, torch.bfloat16, sparsity=0.7)
+    for backend in cpu_backends(("dense-bf16", "dense-fp32", "sparse", "auto"), torch.bfloat16):
+        copies = _copies(backend, weight, stream_bytes=64 * 96 * 4 * 3)
+        storage = {(c if isinstance(c, torch.Tensor) else c.values).data_ptr() for c in copies}
+        assert len(copies) >= 2 and len(storage) == len(copies), backend.name  # else the "stream" is one hot copy
+        torch.testing.assert_close(backend.call(torch.ones(1, 96, dtype=backend.x_dtype), copies[-1]).float(),
+                                   backend.call(torch.ones(1, 96, dtype=backend.x_dtype), copies[0]).float())
+
+
 def run_bench(*args):
     from click.testing import CliRunner
 
