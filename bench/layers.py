@@ -5,9 +5,12 @@ Hygiene, because a decode-size product is a memory-bandwidth measurement and eas
   cache twice, so each call reads DRAM as in a real model (a single hot 4096x4096 matrix would sit in cache);
 - warm-up first, then interleaved rounds (the backends take turns, order rotated every round) so drift in a
   shared machine's load hits all of them alike; min and median per backend are kept;
-- the headline speedup is against dense torch ``F.linear`` in the *same weight dtype* (for bf16 that is
-  oneDNN, the fastest dense path in torch on CPU; fp32 is shown beside it, labelled), with the ceiling
-  (dense bytes / sparse bytes) beside it; where sparse is slower the row says so.
+- the headline speedup is against the *fastest* dense torch ``F.linear`` on this CPU, bf16 or fp32 weights
+  (the row names the winner: without native bf16, fp32 dense is often faster), with the same-dtype figure as
+  a second column and the ceiling (dense bytes / sparse bytes) beside it; where sparse is slower the row says so;
+- every backend's achieved GB/s (weight bytes streamed per call / time) is shown against this machine's
+  streaming read bandwidth, measured in the same run, so the fraction of the limit is visible;
+- ``auto`` is what ``sparsify_model`` runs: per batch-size bucket the faster of kernel and dense (same dtype).
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ from seftkit.errors import SeftkitError
 from seftkit.kernels import cuda24
 from seftkit.kernels.build import kernel_isa, native
 from seftkit.kernels.formats import BitmapWeight, pack_bitmap
+from seftkit.kernels.sparse_linear import SparseLinear
 from seftkit.sparsity.masks import pattern_mask
 from seftkit.sparsity.pattern import SparsityPattern
 
 # Linear shapes of one decoder block, with how often each occurs (q, k, v, o; gate, up; down).
 LLAMA7B_BLOCK = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
 SMOLLM2_BLOCK = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
-CPU_BACKENDS = ("dense", "dense-fp32", "sparse", "csr")
+DENSE_BACKENDS = {"dense-bf16": torch.bfloat16, "dense-fp32": torch.float32}
+CPU_BACKENDS = (*DENSE_BACKENDS, "sparse", "auto", "csr")
 BACKENDS = (*CPU_BACKENDS, "cuda24")
-DEFAULT_BACKENDS = ("dense", "dense-fp32", "sparse")
+DEFAULT_BACKENDS = ("dense-bf16", "dense-fp32", "sparse", "auto")
 _FALLBACK_L3 = 32 << 20
 _REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vbmi2", "avx512_bf16", "amx_bf16")
 
@@ -48,6 +53,7 @@ class Timing:
     median_ms: float
     bytes_per_weight: float
     copies: int
+    gbps: float = 0.0  # weight bytes per call / min time
 
 
 @dataclass
@@ -55,10 +61,12 @@ class LayerResult:
     shape: tuple[int, int]
     batch: int
     timings: dict[str, Timing]
-    speedup: float | None  # baseline min / sparse min
-    speedup_median: float | None
-    speedup_vs_fp32: float | None
-    ceiling: float | None  # dense bytes / sparse bytes: the most a bandwidth-bound kernel can gain
+    fastest_dense: str | None = None  # the dense backend with the lowest min time
+    speedup: float | None = None  # fastest dense min / sparse min
+    speedup_median: float | None = None  # the same backends' medians
+    speedup_same_dtype: float | None = None  # dense in the sparse weights' dtype, min / sparse min
+    auto_vs_dense: float | None = None  # auto min / same-dtype dense min: above 1.05 the choice regressed
+    ceiling: float | None = None  # same-dtype dense bytes / sparse bytes: the most a bandwidth-bound kernel gains
     cuda_speedup: float | None = None
 
 
@@ -68,6 +76,7 @@ class SetTotal:
 
     name: str
     batch: int
+    fastest_dense: str
     dense_ms: float
     sparse_ms: float
     speedup: float
@@ -81,6 +90,7 @@ class MachineInfo:
     kernel_isa: str
     l3_bytes: int
     stream_bytes: int
+    stream_read_gbps: float | None  # a plain read of stream_bytes at this thread count (None without streaming)
     torch: str = torch.__version__
 
 
@@ -107,6 +117,18 @@ def l3_bytes() -> int:
     return _FALLBACK_L3
 
 
+def stream_read_gbps(nbytes: int, rounds: int = 5) -> float:
+    """This machine's streaming read bandwidth: best of ``rounds`` sums over a buffer of ``nbytes``."""
+    buffer = torch.ones(max(nbytes, 1 << 20) // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
 def machine_info(stream_bytes: int) -> MachineInfo:
     cpu, flags = "unknown", set()
     try:
@@ -121,7 +143,7 @@ def machine_info(stream_bytes: int) -> MachineInfo:
         pass
     isa = kernel_isa().name.lower() if native() is not None else "unavailable (dense fallback)"
     return MachineInfo(torch.get_num_threads(), cpu, [f for f in _REPORTED_FLAGS if f in flags], isa,
-                       l3_bytes(), stream_bytes)
+                       l3_bytes(), stream_bytes, stream_read_gbps(stream_bytes) if stream_bytes else None)
 
 
 def random_pruned(shape: tuple[int, int], pattern: SparsityPattern, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -166,27 +188,54 @@ def _csr_bytes(w: torch.Tensor) -> int:
     return sum(_tensor_bytes(t) for t in (w.values(), w.crow_indices(), w.col_indices()))
 
 
+def _auto_operand(dtype: torch.dtype) -> Callable[[torch.Tensor], SparseLinear]:
+    def operand(w: torch.Tensor) -> SparseLinear:
+        return SparseLinear(pack_bitmap(w.to(dtype)))
+
+    return operand
+
+
+def _dense_operand(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: w.to(dtype).contiguous()
+
+
+def _auto_bytes(layer: SparseLinear) -> int:
+    dense = layer.dense_copy
+    return layer.packed.nbytes + (0 if dense is None else _tensor_bytes(dense))
+
+
 def cpu_backends(names: tuple[str, ...], dtype: torch.dtype) -> list[_Backend]:
-    """The CPU backends in ``names`` (``sparse`` needs the native kernels built)."""
-    table = {
-        "dense": _Backend("dense", lambda w: w.to(dtype).contiguous(), F.linear, _tensor_bytes, dtype),
-        "dense-fp32": _Backend("dense-fp32", lambda w: w.float().contiguous(), F.linear, _tensor_bytes,
-                               torch.float32),
-        "csr": _Backend("csr", _to_csr, lambda x, w: torch.mm(w, x.T).T, _csr_bytes, torch.float32),
-    }
-    if "sparse" in names and native() is not None:
+    """The CPU backends in ``names`` (``sparse`` and ``auto`` need the native kernels built)."""
+    table = {name: _Backend(name, _dense_operand(d), F.linear, _tensor_bytes, d) for name, d in DENSE_BACKENDS.items()}
+    table["csr"] = _Backend("csr", _to_csr, lambda x, w: torch.mm(w, x.T).T, _csr_bytes, torch.float32)
+    if native() is not None:
         table["sparse"] = _Backend("sparse", lambda w: pack_bitmap(w.to(dtype)), _sparse_call(int(kernel_isa())),
                                    lambda p: p.nbytes, dtype)
-    chosen = [table[name] for name in names if name in table]
-    if dtype == torch.float32:  # the fp32 baseline is the baseline
-        chosen = [b for b in chosen if b.name != "dense-fp32"]
-    return chosen
+        table["auto"] = _Backend("auto", _auto_operand(dtype), lambda x, layer: layer(x), _auto_bytes, dtype)
+    return [table[name] for name in names if name in table]
+
+
+def same_dtype_dense(dtype: torch.dtype) -> str:
+    return next(name for name, d in DENSE_BACKENDS.items() if d == dtype)
+
+
+def _clone(operand: Any) -> Any:
+    if isinstance(operand, SparseLinear):
+        return SparseLinear(operand.packed.clone(), operand.bias, operand.isa)
+    return operand.clone()
+
+
+def _footprint(operand: Any, nbytes: int) -> int:
+    """Bytes one copy may hold: an ``auto`` layer can add a dense copy once dense wins a batch size."""
+    if isinstance(operand, SparseLinear):
+        return nbytes + operand.out_features * operand.in_features * operand.values.element_size()
+    return nbytes
 
 
 def _copies(backend: _Backend, weight: torch.Tensor, stream_bytes: int) -> list[Any]:
     first = backend.operand(weight)
-    count = max(1, math.ceil(stream_bytes / backend.nbytes(first)))
-    return [first] + [first.clone() for _ in range(count - 1)]
+    count = max(1, math.ceil(stream_bytes / _footprint(first, backend.nbytes(first))))
+    return [first] + [_clone(first) for _ in range(count - 1)]
 
 
 def _time_round(backend: _Backend, x: torch.Tensor, operands: list[Any], min_calls: int) -> float:
@@ -197,20 +246,25 @@ def _time_round(backend: _Backend, x: torch.Tensor, operands: list[Any], min_cal
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def _speedups(result: LayerResult) -> None:
+def _speedups(result: LayerResult, dtype: torch.dtype) -> None:
     t = result.timings
-    if "sparse" not in t:
+    dense = [name for name in DENSE_BACKENDS if name in t]
+    if dense:
+        result.fastest_dense = min(dense, key=lambda name: t[name].min_ms)
+    same = t.get(same_dtype_dense(dtype))
+    if "auto" in t and same is not None:
+        result.auto_vs_dense = t["auto"].min_ms / same.min_ms
+    if "sparse" not in t or not dense:
         return
-    if "dense" in t:
-        result.speedup = t["dense"].min_ms / t["sparse"].min_ms
-        result.speedup_median = t["dense"].median_ms / t["sparse"].median_ms
-        result.ceiling = t["dense"].bytes_per_weight / t["sparse"].bytes_per_weight
-    if "dense-fp32" in t:
-        result.speedup_vs_fp32 = t["dense-fp32"].min_ms / t["sparse"].min_ms
+    result.speedup = t[result.fastest_dense].min_ms / t["sparse"].min_ms
+    result.speedup_median = t[result.fastest_dense].median_ms / t["sparse"].median_ms
+    if same is not None:
+        result.speedup_same_dtype = same.min_ms / t["sparse"].min_ms
+        result.ceiling = same.bytes_per_weight / t["sparse"].bytes_per_weight
 
 
 def bench_shape(weight: torch.Tensor, batches: list[int], backends: list[_Backend], rounds: int,
-                stream_bytes: int, min_calls: int = 4) -> list[LayerResult]:
+                stream_bytes: int, dtype: torch.dtype, min_calls: int = 4) -> list[LayerResult]:
     """Time every backend on one pruned weight for every batch size, interleaved."""
     shape = tuple(weight.shape)
     operands = {b.name: _copies(b, weight, stream_bytes) for b in backends}
@@ -225,13 +279,13 @@ def bench_shape(weight: torch.Tensor, batches: list[int], backends: list[_Backen
             order = backends[r % len(backends):] + backends[: r % len(backends)]
             for b in order:
                 times[b.name].append(_time_round(b, xs[b.name], operands[b.name], min_calls))
-        timings = {
-            b.name: Timing(min(times[b.name]), statistics.median(times[b.name]),
-                           b.nbytes(operands[b.name][0]) / weights, len(operands[b.name]))
-            for b in backends
-        }
-        result = LayerResult(shape, batch, timings, None, None, None, None)
-        _speedups(result)
+        timings = {}
+        for b in backends:
+            nbytes = b.nbytes(operands[b.name][0])
+            timings[b.name] = Timing(min(times[b.name]), statistics.median(times[b.name]), nbytes / weights,
+                                     len(operands[b.name]), nbytes / min(times[b.name]) / 1e6)
+        result = LayerResult(shape, batch, timings)
+        _speedups(result, dtype)
         results.append(result)
     return results
 
@@ -250,15 +304,22 @@ def bench_cuda24_shape(result_rows: list[LayerResult], shape: tuple[int, int], p
 
 
 def set_totals(results: list[LayerResult], sets: dict[str, dict[tuple[int, int], int]]) -> list[SetTotal]:
-    """Dense and sparse time of each layer set per batch (sum of count x min time over its shapes)."""
-    found = {(r.shape, r.batch): r.timings for r in results if {"dense", "sparse"} <= set(r.timings)}
+    """Fastest dense and sparse time of each layer set per batch (sum of count x min time over its shapes); the
+    dense figure is the one dense dtype that is fastest over the whole set."""
+    found = {(r.shape, r.batch): r.timings for r in results if "sparse" in r.timings}
     totals = []
     for name, counts in sets.items():
         for batch in sorted({r.batch for r in results}):
-            if all((shape, batch) in found for shape in counts):
-                dense = sum(n * found[shape, batch]["dense"].min_ms for shape, n in counts.items())
-                sparse = sum(n * found[shape, batch]["sparse"].min_ms for shape, n in counts.items())
-                totals.append(SetTotal(name, batch, dense, sparse, dense / sparse))
+            if not all((shape, batch) in found for shape in counts):
+                continue
+            total = {backend: sum(n * found[shape, batch][backend].min_ms for shape, n in counts.items())
+                     for backend in (*DENSE_BACKENDS, "sparse")
+                     if all(backend in found[shape, batch] for shape in counts)}
+            dense = [d for d in DENSE_BACKENDS if d in total]
+            if dense:
+                fastest = min(dense, key=total.__getitem__)
+                totals.append(SetTotal(name, batch, fastest, total[fastest], total["sparse"],
+                                       total[fastest] / total["sparse"]))
     return totals
 
 
@@ -279,8 +340,9 @@ def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batche
     stream_bytes = 2 * l3_bytes() if streaming else 0
     report = LayerBench(pattern.describe(), str(dtype).removeprefix("torch."), machine_info(stream_bytes))
     chosen = cpu_backends(tuple(backends), dtype)
-    if "sparse" in backends and native() is None:
-        report.skipped["sparse"] = "native kernels could not be built (see the warning above)"
+    for name in ("sparse", "auto"):
+        if name in backends and native() is None:
+            report.skipped[name] = "native kernels could not be built (see the warning above)"
     cuda_reason = None
     if "cuda24" in backends:
         cuda_reason = cuda24.unavailable_reason() or (None if pattern.is_nm and (pattern.n, pattern.m) == (2, 4)
@@ -289,7 +351,7 @@ def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batche
             report.skipped["cuda24"] = cuda_reason
     for shape in tqdm(shapes, desc="bench layers", unit="shape", disable=not progress):
         weight = weights[shape] if weights and shape in weights else random_pruned(shape, pattern, dtype)
-        rows = bench_shape(weight, batches, chosen, rounds, stream_bytes)
+        rows = bench_shape(weight, batches, chosen, rounds, stream_bytes, dtype)
         if "cuda24" in backends and cuda_reason is None:
             unfit = cuda24.weight_unfit_reason(random_pruned(shape, pattern, torch.bfloat16))
             if unfit:
@@ -304,30 +366,36 @@ def bench_layers(shapes: list[tuple[int, int]], pattern: SparsityPattern, batche
 def format_layers(report: LayerBench) -> list[str]:
     """Human summary lines for stdout: one row per shape x batch, the losses marked."""
     m = report.machine
-    stream = f"streaming {m.stream_bytes / 2**20:.0f} MiB per backend" if m.stream_bytes else "hot cache (no streaming)"
+    stream = (f"streaming {m.stream_bytes / 2**20:.0f} MiB per backend, read bandwidth {m.stream_read_gbps:.1f} GB/s"
+              if m.stream_bytes else "hot cache (no streaming)")
+    names = [n for n in (*DENSE_BACKENDS, "sparse", "auto") if any(n in r.timings for r in report.results)]
     lines = [
         f"layers: {report.pattern}, {report.dtype} weights, {m.threads} thread(s), kernels {m.kernel_isa}, "
         f"{stream} (L3 {m.l3_bytes / 2**20:.0f} MiB); CPU flags: {' '.join(m.cpu_flags) or 'none'}",
-        f"{'shape':>12} {'batch':>5} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'median':>7} "
-        f"{'vs fp32':>8} {'B/weight':>9} {'ceiling':>8}",
+        f"{'shape':>12} {'batch':>5} " + " ".join(f"{n + ' ms':>14}" for n in names)
+        + f" {'fastest':>10} {'speedup':>8} {'median':>7} {'same-dt':>8} {'auto/dn':>8} {'ceiling':>8}  GB/s",
     ]
     for r in report.results:
         t = r.timings
-        cells = [f"{r.shape[0]}x{r.shape[1]:<5}".rjust(12), f"{r.batch:>5}",
-                 f"{t['dense'].min_ms:9.3f}" if "dense" in t else f"{'-':>9}",
-                 f"{t['sparse'].min_ms:9.3f}" if "sparse" in t else f"{'-':>9}"]
-        if r.speedup is not None:
-            cells += [f"{r.speedup:7.2f}x", f"{r.speedup_median:6.2f}x",
-                      f"{r.speedup_vs_fp32:7.2f}x" if r.speedup_vs_fp32 is not None else f"{'-':>8}",
-                      f"{t['sparse'].bytes_per_weight:9.3f}", f"{r.ceiling:7.2f}x"]
-            if r.speedup < 1:
-                cells.append("  sparse slower")
+        cells = [f"{r.shape[0]}x{r.shape[1]:<5}".rjust(12), f"{r.batch:>5}"]
+        cells += [f"{t[n].min_ms:14.3f}" if n in t else f"{'-':>14}" for n in names]
+        cells.append(f"{(r.fastest_dense or '-').removeprefix('dense-'):>10}")
+        cells += [f"{v:7.2f}x" if v is not None else f"{'-':>8}" for v in (r.speedup, r.speedup_median,
+                                                                           r.speedup_same_dtype, r.auto_vs_dense,
+                                                                           r.ceiling)]
+        cells.append("  " + " ".join(f"{n.removeprefix('dense-')} {t[n].gbps:.1f}" for n in names if n in t))
+        if r.speedup is not None and r.speedup < 1:
+            cells.append("  sparse slower")
+        if r.auto_vs_dense is not None and r.auto_vs_dense > 1.05:
+            cells.append("  auto > 5% slower than dense")
         if r.cuda_speedup is not None:
             cells.append(f"  cuda24 {r.cuda_speedup:.2f}x")
         lines.append(" ".join(cells))
-    lines += [f"{t.name}, batch {t.batch}: dense {t.dense_ms:.2f} ms, sparse {t.sparse_ms:.2f} ms: {t.speedup:.2f}x"
-              + ("  (sparse slower)" if t.speedup < 1 else "") for t in report.totals]
+    lines += [f"{t.name}, batch {t.batch}: fastest dense ({t.fastest_dense}) {t.dense_ms:.2f} ms, sparse "
+              f"{t.sparse_ms:.2f} ms: {t.speedup:.2f}x" + ("  (sparse slower)" if t.speedup < 1 else "")
+              for t in report.totals]
     lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
-    lines.append("speedup = dense min / sparse min (same weight dtype); ceiling = dense bytes / sparse bytes, the "
-                 "limit when both run at memory bandwidth (above it, the dense baseline did not)")
+    lines.append("speedup = fastest dense min / sparse min (its median beside it); same-dt = against dense in the "
+                 "sparse weights' dtype; auto/dn = sparsify_model's choice / same-dtype dense (<= 1.05 is the bar); "
+                 "ceiling = same-dtype dense bytes / sparse bytes; GB/s = weight bytes per call / min time")
     return lines

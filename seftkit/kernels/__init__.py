@@ -5,8 +5,9 @@
 """
 
 from seftkit.kernels.build import Isa, kernel_isa, native
+from seftkit.kernels.dispatch import KernelChoice
 from seftkit.kernels.formats import BitmapWeight, pack_bitmap, pack_nm
 from seftkit.kernels.sparse_linear import BACKENDS, SparseLinear, sparsify_model
 
-__all__ = ["BACKENDS", "BitmapWeight", "Isa", "SparseLinear", "kernel_isa", "native", "pack_bitmap", "pack_nm",
-           "sparsify_model"]
+__all__ = ["BACKENDS", "BitmapWeight", "Isa", "KernelChoice", "SparseLinear", "kernel_isa", "native", "pack_bitmap",
+           "pack_nm", "sparsify_model"]

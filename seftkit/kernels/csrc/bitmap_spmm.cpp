@@ -6,7 +6,7 @@
 // so one kernel serves both. Bytes per weight = (1 - sparsity) * sizeof(value) + 1/8.
 //
 // The products are memory bound at batch 1, so the kernels expand the packed values back into dense vector
-// registers (AVX-512 VBMI2 vpexpand, or a permute table on AVX2) and multiply with the dense activation
+// registers (AVX-512 VBMI2 vpexpand, or a table-driven shuffle on AVX2) and multiply with the dense activation
 // block: the work per weight is constant and there are no gathers. Activations are padded with zeros to a
 // whole number of 32-column words, so the padded tail needs no special case (its keep-bits are zero).
 #include <torch/extension.h>
@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 
 namespace {
@@ -73,55 +74,90 @@ void row_portable(const RowArgs& a) {
   for (int b = 0; b < B; ++b) a.y[b * a.y_stride] = acc[b];
 }
 
-// AVX2: 8 columns at a time. The table maps an 8-bit keep mask to the permutation that moves the next
-// popcount(mask) packed values into their columns; lanes whose bit is clear are zeroed afterwards.
-struct ExpandTable {
-  alignas(32) std::array<std::array<int32_t, 8>, 256> perm{};
-  ExpandTable() {
+// AVX2: each 8-column group of a keep-word is rebuilt as 8 fp32 weights with one table-driven shuffle, so a
+// group costs a load, a shuffle and B FMAs whatever its density; the value offsets of a word's four groups
+// come from popcounts of its prefixes, so the only serial chain is one add per word. At batch 1 the four
+// groups also feed four accumulators, or the FMA latency (not memory) would set the speed.
+struct ExpandTables {
+  // bf16: byte shuffle of 8 packed bf16 values (both 128-bit halves hold them) into the high halves of 8 fp32
+  // lanes; 0x80 zeroes a byte, so cleared lanes come out as 0.0f and the widening is free.
+  alignas(32) std::array<std::array<uint8_t, 32>, 256> bf16{};
+  // fp32: lane permutation of 8 packed values; cleared lanes get the sign bit, which selects zero in a blend.
+  alignas(32) std::array<std::array<int32_t, 8>, 256> f32{};
+  ExpandTables() {
     for (int mask = 0; mask < 256; ++mask) {
       int next = 0;
-      for (int lane = 0; lane < 8; ++lane) perm[mask][lane] = (mask >> lane & 1) ? next++ : 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool kept = mask >> lane & 1;
+        const uint8_t lo = kept ? static_cast<uint8_t>(2 * next) : 0x80, hi = kept ? static_cast<uint8_t>(2 * next + 1) : 0x80;
+        bf16[mask][4 * lane] = bf16[mask][4 * lane + 1] = 0x80;
+        bf16[mask][4 * lane + 2] = lo;
+        bf16[mask][4 * lane + 3] = hi;
+        f32[mask][lane] = kept ? next : INT32_MIN;
+        next += kept;
+      }
     }
   }
 };
-const ExpandTable kExpand;
+const ExpandTables kExpand;
 
-__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+#define SEFTKIT_AVX2 "avx2,fma,popcnt"
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Both read 8 values even when fewer are kept: packed values end with padding (formats.VALUE_PAD).
+__attribute__((target(SEFTKIT_AVX2), always_inline)) inline __m256 expand8(uint32_t mask, const uint16_t* v) {
+  __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  __m256i control = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.bf16[mask].data()));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control));
+}
+__attribute__((target(SEFTKIT_AVX2), always_inline)) inline __m256 expand8(uint32_t mask, const float* v) {
+  __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.f32[mask].data()));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), perm), _mm256_setzero_ps(),
+                          _mm256_castsi256_ps(perm));
 }
 
 template <typename V, int B>
-__attribute__((target("avx2,fma"))) void row_avx2(const RowArgs& a) {
+__attribute__((target(SEFTKIT_AVX2), always_inline)) inline void avx2_group(uint32_t mask, const V* v, const float* xc,
+                                                                           int64_t x_stride, __m256* acc) {
+  __m256 dense = expand8(mask, v);
+  for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(dense, _mm256_loadu_ps(xc + b * x_stride), acc[b]);
+}
+
+template <typename V, int B>
+__attribute__((target(SEFTKIT_AVX2))) void row_avx2(const RowArgs& a) {
+  // P accumulator sets: 4 at batch 1-2 (one per group), 2 above (16 ymm registers hold no more).
+  constexpr int P = B <= 2 ? 4 : 2;
   const V* v = static_cast<const V*>(a.values);
   const float* x = static_cast<const float*>(a.x);
-  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  __m256 acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+  __m256 acc[P][B];
+  for (int p = 0; p < P; ++p)
+    for (int b = 0; b < B; ++b) acc[p][b] = _mm256_setzero_ps();
   for (int64_t w = 0; w < a.words; ++w) {
-    uint32_t word = a.bits[w];
-    for (int part = 0; part < 4; ++part, word >>= 8) {
-      uint32_t mask = word & 0xFF;
-      if (!mask) continue;
-      __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm[mask].data()));
-      __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(mask), lane_bits), lane_bits);
-      // Reads 8 values even when fewer are kept: packed values end with padding (formats.VALUE_PAD).
-      __m256 dense = _mm256_and_ps(_mm256_permutevar8x32_ps(load8_avx2(v), perm), _mm256_castsi256_ps(keep));
-      v += __builtin_popcount(mask);
-      int64_t col = w * kWordBits + part * 8;
-      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(dense, _mm256_loadu_ps(x + b * a.x_stride + col), acc[b]);
-    }
+    const uint32_t word = a.bits[w];
+    const float* xc = x + w * kWordBits;
+    // The value stream is the one that misses cache; a word consumes a third of a line at 70% bf16, so one
+    // prefetch per word, well ahead, keeps it in flight without a branch.
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
+    const V* v1 = v + __builtin_popcount(word & 0xFFu);
+    const V* v2 = v + __builtin_popcount(word & 0xFFFFu);
+    const V* v3 = v + __builtin_popcount(word & 0xFFFFFFu);
+    avx2_group<V, B>(word & 0xFF, v, xc, a.x_stride, acc[0]);
+    avx2_group<V, B>(word >> 8 & 0xFF, v1, xc + 8, a.x_stride, acc[1 % P]);
+    avx2_group<V, B>(word >> 16 & 0xFF, v2, xc + 16, a.x_stride, acc[2 % P]);
+    avx2_group<V, B>(word >> 24, v3, xc + 24, a.x_stride, acc[3 % P]);
+    v += __builtin_popcount(word);
   }
   for (int b = 0; b < B; ++b) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
+    __m256 sum = acc[0][b];
+    for (int p = 1; p < P; ++p) sum = _mm256_add_ps(sum, acc[p][b]);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     a.y[b * a.y_stride] = _mm_cvtss_f32(s);
   }
 }
 
-#define SEFTKIT_AVX512 "avx512f,avx512bw,avx512vbmi2,fma"
+#define SEFTKIT_AVX512 "avx512f,avx512bw,avx512vbmi2,fma,popcnt"
 
 template <int B>
 __attribute__((target(SEFTKIT_AVX512), always_inline)) inline const float* f32_word(
@@ -138,7 +174,8 @@ __attribute__((target(SEFTKIT_AVX512), always_inline)) inline const float* f32_w
 }
 
 // Even and odd words accumulate separately: at batch 1 a single accumulator would serialise every FMA
-// on its latency, and the row would run slower than memory delivers it. (Same in the kernels below.)
+// on its latency, and the row would run slower than memory delivers it. The value stream is prefetched as on
+// AVX2, once per two words. (Same in the kernels below.)
 template <int B>
 __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   const float* v = static_cast<const float*>(a.values);
@@ -147,6 +184,7 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_f32(const RowArgs& a) {
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = f32_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = f32_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
@@ -176,6 +214,7 @@ __attribute__((target(SEFTKIT_AVX512))) void row_avx512_bf16(const RowArgs& a) {
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = bf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = bf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
@@ -203,6 +242,7 @@ __attribute__((target(SEFTKIT_AVX512 ",avx512bf16"))) void row_avx512_dpbf16(con
   for (int b = 0; b < B; ++b) even[b] = odd[b] = _mm512_setzero_ps();
   int64_t w = 0;
   for (; w + 1 < a.words; w += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     v = dpbf16_word<B>(a.bits[w], v, x + w * kWordBits, a.x_stride, even);
     v = dpbf16_word<B>(a.bits[w + 1], v, x + (w + 1) * kWordBits, a.x_stride, odd);
   }
