@@ -134,6 +134,42 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     return table[dtype]
 
 
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+def checkpoint_dtype(folder: str | os.PathLike) -> str:
+    """The floating dtype a checkpoint's weights are stored in (``fp32``/``bf16``/``fp16``).
+
+    config.json's ``dtype`` (``torch_dtype`` before transformers 5) says it; when it is absent or names something
+    else, the safetensors headers decide (the dtype holding the most values); fp32 when neither does.
+    """
+    from seftkit.sparsity.scanner import checkpoint_files, read_checkpoint
+
+    config = Path(folder) / "config.json"
+    try:
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SeftkitError(f"{config} is not valid JSON") from None
+    declared = data.get("dtype") or data.get("torch_dtype") or data.get("text_config", {}).get("dtype")
+    if declared in _CONFIG_DTYPES:
+        return _CONFIG_DTYPES[declared]
+    counts: dict[str, int] = {}
+    for info in read_checkpoint(checkpoint_files(folder)):
+        if info.dtype in _SAFETENSORS_DTYPES:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return _SAFETENSORS_DTYPES[max(counts, key=counts.__getitem__)] if counts else "fp32"
+
+
+def choose_dtype(folder: str | os.PathLike, dtype: str | None) -> str:
+    """``dtype`` checked, with ``auto`` (or ``None``) meaning the checkpoint's own dtype."""
+    if dtype in (None, "auto"):
+        return checkpoint_dtype(folder)
+    resolve_dtype(dtype)
+    return _CONFIG_DTYPES.get(dtype, dtype)
+
+
 CPU_RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 
 
@@ -165,13 +201,14 @@ def load_model(
     allow_pickle: bool = False,
     with_tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load ``(model, tokenizer)`` in eval mode; bad folders and corrupt files raise :class:`SeftkitError`."""
+    """Load ``(model, tokenizer)`` in eval mode (``dtype="auto"``: as stored); bad folders and corrupt files
+    raise :class:`SeftkitError`."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     path = resolve_model_path(spec, allow_pickle=allow_pickle)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(choose_dtype(path, dtype))
     try:
         with _real_weights_on_every_rank():
             model = AutoModelForCausalLM.from_pretrained(

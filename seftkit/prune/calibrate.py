@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -34,6 +34,18 @@ Statistic = Callable[[torch.Tensor], torch.Tensor]
 
 PruneLinear = Callable[[str, nn.Module, torch.Tensor], None]
 """Prunes one linear in place given its full name and the mean of its input statistic."""
+
+
+class BlockResidency(Protocol):
+    """Where block weights live while the loop runs: :mod:`seftkit.prune.streaming` loads each block's tensors
+    just before the block is used and releases them (writing the pruned ones out) right after, so only one block
+    is resident. ``None`` in the functions below means every weight is already in memory."""
+
+    def load(self, index: int) -> None: ...
+
+    def release(self, index: int, pruned: bool) -> None: ...
+
+    def inputs_captured(self) -> None: ...
 
 
 class _StopForward(Exception):
@@ -82,12 +94,14 @@ def activation_device(device: torch.device, numel: int, dtype: torch.dtype) -> t
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
+    residency: BlockResidency | None = None,
 ) -> BlockInputs:
     """Run the model on ``windows`` ``[n, seqlen]`` and record what its decoder blocks receive.
 
     Block 0's hidden states are kept for every sample, and the forward stops there, except for the first batch
-    of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen.
+    of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen
+    (with a ``residency``, each block is loaded for that pass and released after it).
     """
     device = model_device(model)
     state: dict[str, Any] = {"hidden": None}
@@ -111,6 +125,10 @@ def capture_block_inputs(
         return record
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
+    if residency is not None:  # registered after the recorders, so a stopped forward loads nothing
+        for i, block in enumerate(layers):
+            handles.append(block.register_forward_pre_hook(lambda *_, i=i: residency.load(i)))
+            handles.append(block.register_forward_hook(lambda *_, i=i: residency.release(i, pruned=False)))
     try:
         for start in range(0, windows.shape[0], batch_size):
             rows = slice(start, min(start + batch_size, windows.shape[0]))
@@ -227,20 +245,26 @@ def prune_blockwise(
     prune_linear: PruneLinear,
     batch_size: int = 8,
     progress: bool = True,
+    residency: BlockResidency | None = None,
 ) -> int:
     """Prune the target linears of every decoder block from statistics of their (already pruned) inputs.
 
     Returns the peak resident memory in bytes sampled after each block (psutil RSS). Distributed, each rank
-    takes its share of ``windows`` (the same full tensor on every rank).
+    takes its share of ``windows`` (the same full tensor on every rank). ``residency`` keeps only the current
+    block in memory (see :class:`BlockResidency`).
     """
     if windows.shape[0] < world().world_size:
         raise SeftkitError(f"{windows.shape[0]} calibration windows cannot be shared by {world().world_size} "
                            "processes; raise --nsamples")
     windows = windows[shard_rows(windows.shape[0])]
     process = psutil.Process()
-    inputs = capture_block_inputs(model, layers, windows, batch_size)
+    inputs = capture_block_inputs(model, layers, windows, batch_size, residency)
     peak_rss = process.memory_info().rss
+    if residency is not None:
+        residency.inputs_captured()
     for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
+        if residency is not None:
+            residency.load(index)
         prefix = f"{layers_name}.{index}."
         linears = {prefix + name: module for name, module in find_linears(block, rule, prefix=prefix).items()}
         if linears:
@@ -256,4 +280,6 @@ def prune_blockwise(
         if index + 1 < len(layers):
             run_block(block, index, inputs)
         peak_rss = max(peak_rss, process.memory_info().rss)
+        if residency is not None:
+            residency.release(index, pruned=True)
     return peak_rss
