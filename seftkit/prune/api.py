@@ -258,7 +258,7 @@ def _prune_streamed_magnitude(run: _Pruning, checkpoint: StreamedCheckpoint, tar
         if index is None:
             checkpoint.write_rest()
         else:
-            checkpoint.release(index, pruned=True)
+            checkpoint.release(index)
 
 
 def default_out(model_spec: str, method: str, pattern: SparsityPattern) -> Path:

@@ -38,12 +38,13 @@ PruneLinear = Callable[[str, nn.Module, torch.Tensor], None]
 
 class BlockResidency(Protocol):
     """Where block weights live while the loop runs: :mod:`seftkit.prune.streaming` loads each block's tensors
-    just before the block is used and releases them (writing the pruned ones out) right after, so only one block
-    is resident. ``None`` in the functions below means every weight is already in memory."""
+    just before the block is used and releases them (writing them out pruned) right after, so only one block is
+    resident; the rest of the model is released once the block inputs are captured. ``None`` in
+    :func:`prune_blockwise` means every weight is already in memory."""
 
     def load(self, index: int) -> None: ...
 
-    def release(self, index: int, pruned: bool) -> None: ...
+    def release(self, index: int) -> None: ...
 
     def inputs_captured(self) -> None: ...
 
@@ -94,18 +95,24 @@ def activation_device(device: torch.device, numel: int, dtype: torch.dtype) -> t
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-    residency: BlockResidency | None = None,
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> BlockInputs:
     """Run the model on ``windows`` ``[n, seqlen]`` and record what its decoder blocks receive.
 
     Block 0's hidden states are kept for every sample, and the forward stops there, except for the first batch
-    of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen
-    (with a ``residency``, each block is loaded for that pass and released after it).
+    of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen.
+    Only the model's own code runs in that pass: blocks after the first pass their input through (they are not
+    computed, and need no weights), since their arguments other than the hidden states do not depend on it.
     """
     device = model_device(model)
     state: dict[str, Any] = {"hidden": None}
     extras: dict[int, list[Extras]] = {}
+    first_output: list[Any] = []
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        shape = first_output[-1]  # what block 0 returned: a tensor, or a tuple led by the hidden states
+        return hidden if isinstance(shape, torch.Tensor) else (hidden, *[None] * (len(shape) - 1))
 
     def recorder(index: int) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -125,10 +132,10 @@ def capture_block_inputs(
         return record
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
-    if residency is not None:  # registered after the recorders, so a stopped forward loads nothing
-        for i, block in enumerate(layers):
-            handles.append(block.register_forward_pre_hook(lambda *_, i=i: residency.load(i)))
-            handles.append(block.register_forward_hook(lambda *_, i=i: residency.release(i, pruned=False)))
+    handles.append(layers[0].register_forward_hook(lambda _module, _args, output: first_output.append(output)))
+    own_forwards = [block.__dict__.get("forward") for block in layers]  # e.g. accelerate's hooks set one
+    for block in layers[1:]:
+        block.forward = passthrough
     try:
         for start in range(0, windows.shape[0], batch_size):
             rows = slice(start, min(start + batch_size, windows.shape[0]))
@@ -142,6 +149,11 @@ def capture_block_inputs(
     finally:
         for handle in handles:
             handle.remove()
+        for block, forward in zip(layers[1:], own_forwards[1:], strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return BlockInputs(hidden=state["hidden"], extras=extras, batch_size=batch_size, device=device)
 
 
@@ -258,12 +270,14 @@ def prune_blockwise(
                            "processes; raise --nsamples")
     windows = windows[shard_rows(windows.shape[0])]
     process = psutil.Process()
-    inputs = capture_block_inputs(model, layers, windows, batch_size, residency)
+    if residency is not None:
+        residency.load(0)  # the capture runs block 0 only
+    inputs = capture_block_inputs(model, layers, windows, batch_size)
     peak_rss = process.memory_info().rss
     if residency is not None:
         residency.inputs_captured()
     for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
-        if residency is not None:
+        if residency is not None and index > 0:
             residency.load(index)
         prefix = f"{layers_name}.{index}."
         linears = {prefix + name: module for name, module in find_linears(block, rule, prefix=prefix).items()}
@@ -281,5 +295,5 @@ def prune_blockwise(
             run_block(block, index, inputs)
         peak_rss = max(peak_rss, process.memory_info().rss)
         if residency is not None:
-            residency.release(index, pruned=True)
+            residency.release(index)
     return peak_rss

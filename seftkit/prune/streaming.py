@@ -40,6 +40,31 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def model_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> model tensor name, renamed as ``from_pretrained`` renames them (transformers 5's
+    per-architecture renamings, the base-model prefix added or stripped). Keys that loading would transform
+    (merged, split or permuted) cannot be streamed one block at a time and are refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    meta = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", None)
+    names = {}
+    for key in keys:
+        name, converter = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:
+            name, converter = rename_source_key(key, [], [], prefix, meta)
+        if name not in meta:
+            raise SeftkitError(f"checkpoint tensor {key} does not match the model's names; prune without --low-memory")
+        if converter is not None:
+            raise SeftkitError(f"checkpoint tensor {key} is converted when loaded; prune without --low-memory")
+        names[key] = name
+    return names
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -63,17 +88,7 @@ class StreamedCheckpoint:
         self.layers_name, self.num_blocks = layers_name, num_blocks
         infos = read_checkpoint(checkpoint_files(folder))
         self.file_of = {info.name: info.file for info in infos}
-        prefix = getattr(model, "base_model_prefix", "")
-        self.key_of: dict[str, str] = {}
-        for name in model.state_dict(keep_vars=True):
-            candidates = [name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
-            key = next((c for c in candidates if c in self.file_of), None)
-            if key is not None and key not in self.key_of.values():
-                self.key_of[name] = key
-        unmapped = set(self.file_of) - set(self.key_of.values())
-        if unmapped:
-            raise SeftkitError(f"checkpoint tensor {sorted(unmapped)[0]} does not match the model's names; "
-                               "prune without --low-memory")
+        self.key_of = {name: key for key, name in model_names(model, list(self.file_of)).items()}
         self.groups: dict[int | None, list[str]] = defaultdict(list)
         for name in self.key_of:
             self.groups[self.block_of(name)].append(name)
@@ -151,9 +166,9 @@ class StreamedCheckpoint:
                 raise SeftkitError(f"the checkpoint has no tensor for block {index}'s {name}")
         check_finite(block)
 
-    def release(self, index: int, pruned: bool) -> None:
-        if pruned:
-            self._write(index)
+    def release(self, index: int) -> None:
+        """Write block ``index`` (pruned by now) and free it."""
+        self._write(index)
         self._release(index)
 
     def inputs_captured(self) -> None:
