@@ -406,3 +406,16 @@ def test_save_tiny_model_round_trip_through_cli_is_deterministic(tmp_path, tiny_
         assert result.exit_code == 0, result.output
         outs.append((tmp_path / name / "model.safetensors").read_bytes())
     assert outs[0] == outs[1] != outs[2]
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 11, 12])
+def test_drop_lowest_per_row_equals_a_stable_sort(count):
+    """The partial selection keeps exactly what a stable argsort keeps, ties included (repeated values, zeros)."""
+    from seftkit.prune.wanda import drop_lowest_per_row
+
+    scores = torch.rand(64, 12)
+    scores[::3, :6] = 0.5  # rows whose threshold value repeats
+    scores[1::5] = 0.0  # rows of one value
+    order = torch.argsort(scores, dim=1, stable=True)
+    expected = torch.ones_like(scores, dtype=torch.bool).scatter_(1, order[:, :count], False)
+    assert torch.equal(drop_lowest_per_row(scores, count), expected)
