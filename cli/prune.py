@@ -39,7 +39,10 @@ from seftkit.prune.registry import PRUNERS
 def prune(model: str, method: str, sparsity: float | None, nm: str | None, calib: str, nsamples: int, seqlen: int,
           seed: int, batch_size: int, out: str | None, overwrite: bool, include: str | None, exclude: str | None,
           dtype: str, low_memory: bool, device: str, json_path: str | None) -> None:
-    """Prune MODEL (HF folder or built-in name) to --sparsity S or --nm N:M and save it as an HF folder.
+    """Prune MODEL to --sparsity S or --nm N:M and save it as an HF folder.
+
+    MODEL is an HF folder, a .gguf file (converted once into the cache), a hub id already in the local Hugging
+    Face cache (never downloaded) or a built-in name.
 
     Runs as is under torchrun --nproc-per-node N: calibration windows are split across the processes.
     """

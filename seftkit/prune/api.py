@@ -100,7 +100,9 @@ def _check_targets(targets: dict[str, nn.Module], pattern: SparsityPattern, spec
 class _Pruning:
     """One pruning run's method, pattern and per-tensor results, shared by the in-memory and streamed paths."""
 
-    def __init__(self, method: str, pattern: SparsityPattern, rule: TargetRule) -> None:
+    def __init__(self, method: str, pattern: SparsityPattern, rule: TargetRule, batch_size: int) -> None:
+        if batch_size < 1:
+            raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
         self.spec = get_pruner(method)
         self.pruner = self.spec.load_pruner()
         self.statistic = self.spec.load_statistic()
@@ -174,9 +176,7 @@ def prune_model(
     ready ``[n, seqlen]`` token windows (the report's seed is then ``None``); magnitude pruning ignores it.
     Everything is validated (finite weights, N:M widths, targets, data length) before the first weight changes.
     """
-    run = _Pruning(method, pattern, rule or TargetRule())
-    if batch_size < 1:
-        raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
+    run = _Pruning(method, pattern, rule or TargetRule(), batch_size)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -219,9 +219,7 @@ def prune_streamed(
     time (see :mod:`seftkit.prune.streaming`); masks and weights are those :func:`prune_model` gives."""
     from seftkit.prune.streaming import StreamedCheckpoint, empty_model
 
-    run = _Pruning(method, pattern, rule or TargetRule())
-    if batch_size < 1:
-        raise SeftkitError(f"batch size must be at least 1, got {batch_size}")
+    run = _Pruning(method, pattern, rule or TargetRule(), batch_size)
     if world().distributed:
         raise SeftkitError("--low-memory runs in one process; drop torchrun or --low-memory")
     torch_dtype = resolve_dtype(choose_dtype(folder, dtype))
