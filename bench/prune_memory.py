@@ -3,7 +3,7 @@
     python -m seftkit.bench.prune_memory [--model smollm2-135m] [--method wanda] [--nsamples 4] [--seqlen 128]
         [--large-dtype fp32] [--large-in-memory] [--skip-large] [--json P]
 
-Every prune runs in a fresh child process, so its peak resident set (``ru_maxrss``) is its own; a child that
+Every prune runs in a fresh child process, so its peak resident set (``VmHWM``) is its own; a child that
 only imports torch and transformers gives the floor every run pays. The large model is random, with the shapes
 of a LLaMA-3.2-1B (16 blocks, hidden 2048, MLP 8192, vocab 128256, tied embeddings), written once block by block
 into a temporary folder (its weights are never all in memory here either) and deleted afterwards; nothing is
@@ -31,7 +31,7 @@ LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layer
                       tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 args = json.loads(sys.argv[1])
 import torch, transformers  # the floor: what every run imports
 from seftkit.prune import prune_checkpoint
@@ -41,7 +41,9 @@ if args["model"]:
     prune_checkpoint(args["model"], args["method"], parse_pattern(0.5), out=args["out"], nsamples=args["nsamples"],
                      seqlen=args["seqlen"], device="cpu", progress=False, dtype=args["dtype"],
                      low_memory=args["low_memory"])
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
+peak_kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({"peak_mb": peak_kb / 1024,
                   "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}))
 """
 
