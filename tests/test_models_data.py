@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -330,3 +331,107 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert report.stat().st_mode & 0o777 == 0o644
+
+
+# --- models people already have: a .gguf file, a hub id in the local Hugging Face cache ---------------------
+
+
+def write_tiny_gguf(path: Path) -> torch.nn.Module:
+    """The tiny Llama written as llama.cpp writes GGUFs (its names, q/k rows permuted for its rotary layout, the
+    BPE vocabulary and merges); returns the model whose weights the file holds."""
+    import gguf
+
+    def permute(weight: np.ndarray, heads: int) -> np.ndarray:
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    model, tokenizer = make_tiny_model("llama")
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].__getitem__)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([3 if token == "<eos>" else 1 for token in tokens])  # 3: control
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_pad_token_id):
+        add(tokenizer.eos_token_id)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(config.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{ours}.weight" for hf, ours in parts.items()})
+    for name, tensor in model.state_dict().items():
+        weight = tensor.numpy()
+        if ".q_proj." in name or ".k_proj." in name:
+            weight = permute(weight, config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads)
+        writer.add_tensor(names[name], np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def test_a_gguf_file_is_converted_once_and_loads_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEFTKIT_CACHE", str(tmp_path / "cache"))
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, tokenizer = models.load_model(tmp_path / "tiny.gguf")
+    got = model.state_dict()
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.state_dict().items())
+    assert tokenizer("the quick brown fox").input_ids == make_tokenizer()("the quick brown fox").input_ids
+    converted = models.resolve_model_path(tmp_path / "tiny.gguf")
+    assert converted.parent == tmp_path / "cache" / "gguf" and converted.name.startswith("tiny-")
+    monkeypatch.setattr(models, "_convert_gguf", None)  # a second conversion would fail
+    assert models.resolve_model_path(str(tmp_path / "tiny.gguf")) == converted
+
+
+def test_a_damaged_gguf_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEFTKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(SeftkitError, match="cannot convert .*bad.gguf from GGUF"):
+        models.resolve_model_path(tmp_path / "bad.gguf")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def fake_hf_cache(home: Path, repo_id: str, source: Path) -> Path:
+    """Lay ``source``'s files out as huggingface_hub caches a download of ``repo_id`` under ``home``."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def test_a_hub_id_resolves_from_the_local_cache_only(llama_dir, tiny_text_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from seftkit.cli.main import cli
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    snapshot = fake_hf_cache(tmp_path / "hf", "someone/tiny-llama", llama_dir)
+    assert models.resolve_model_path("someone/tiny-llama") == snapshot
+    runner = CliRunner()
+    result = runner.invoke(cli, ["prune", "someone/tiny-llama", "--method", "magnitude", "--sparsity", "0.5",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["prune", "someone/absent", "--method", "magnitude", "--sparsity", "0.5",
+                                 "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "someone/absent is not a local path, a built-in model or a model in the local Hugging Face cache" in (
+        result.output)
+    assert not (tmp_path / "out2").exists()

@@ -14,7 +14,7 @@ from seftkit.cli.main import cli
 from seftkit.data import load_texts
 from seftkit.errors import SeftkitError
 from seftkit.models import find_decoder_layers, linear_weight, target_linears
-from seftkit.prune import METHODS, prune_model
+from seftkit.prune import PRUNERS, prune_model
 from seftkit.prune.calibrate import capture_block_inputs, run_block
 from seftkit.prune.sparsegpt import input_gram, sparsegpt_prune
 from seftkit.prune.wanda import input_sq_norms, wanda_mask
@@ -47,7 +47,7 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(PRUNERS))
 def test_nm_is_exact_in_every_group(family, method, texts):
     model, report = pruned_tiny(family, method, TWO_FOUR, texts)
     targets = weights(model)
@@ -301,7 +301,7 @@ def test_cli_offers_every_method_without_importing_torch():
     from seftkit.cli.prune import prune
 
     method = next(p for p in prune.params if p.name == "method")
-    assert sorted(method.type.choices) == sorted(METHODS)
+    assert sorted(method.type.choices) == sorted(PRUNERS)
     code = "import sys, seftkit.cli.prune; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -406,3 +406,16 @@ def test_save_tiny_model_round_trip_through_cli_is_deterministic(tmp_path, tiny_
         assert result.exit_code == 0, result.output
         outs.append((tmp_path / name / "model.safetensors").read_bytes())
     assert outs[0] == outs[1] != outs[2]
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 11, 12])
+def test_drop_lowest_per_row_equals_a_stable_sort(count):
+    """The partial selection keeps exactly what a stable argsort keeps, ties included (repeated values, zeros)."""
+    from seftkit.prune.wanda import drop_lowest_per_row
+
+    scores = torch.rand(64, 12)
+    scores[::3, :6] = 0.5  # rows whose threshold value repeats
+    scores[1::5] = 0.0  # rows of one value
+    order = torch.argsort(scores, dim=1, stable=True)
+    expected = torch.ones_like(scores, dtype=torch.bool).scatter_(1, order[:, :count], False)
+    assert torch.equal(drop_lowest_per_row(scores, count), expected)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -34,6 +34,19 @@ Statistic = Callable[[torch.Tensor], torch.Tensor]
 
 PruneLinear = Callable[[str, nn.Module, torch.Tensor], None]
 """Prunes one linear in place given its full name and the mean of its input statistic."""
+
+
+class BlockResidency(Protocol):
+    """Where block weights live while the loop runs: :mod:`seftkit.prune.streaming` loads each block's tensors
+    just before the block is used and releases them (writing them out pruned) right after, so only one block is
+    resident; the rest of the model is released once the block inputs are captured. ``None`` in
+    :func:`prune_blockwise` means every weight is already in memory."""
+
+    def load(self, index: int) -> None: ...
+
+    def release(self, index: int) -> None: ...
+
+    def inputs_captured(self) -> None: ...
 
 
 class _StopForward(Exception):
@@ -88,10 +101,18 @@ def capture_block_inputs(
 
     Block 0's hidden states are kept for every sample, and the forward stops there, except for the first batch
     of each size, which runs on to the last block so that every block's own mask and rotary arguments are seen.
+    Only the model's own code runs in that pass: blocks after the first pass their input through (they are not
+    computed, and need no weights), since their arguments other than the hidden states do not depend on it.
     """
     device = model_device(model)
     state: dict[str, Any] = {"hidden": None}
     extras: dict[int, list[Extras]] = {}
+    first_output: list[Any] = []
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        shape = first_output[-1]  # what block 0 returned: a tensor, or a tuple led by the hidden states
+        return hidden if isinstance(shape, torch.Tensor) else (hidden, *[None] * (len(shape) - 1))
 
     def recorder(index: int) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -111,6 +132,10 @@ def capture_block_inputs(
         return record
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
+    handles.append(layers[0].register_forward_hook(lambda _module, _args, output: first_output.append(output)))
+    own_forwards = [block.__dict__.get("forward") for block in layers]  # e.g. accelerate's hooks set one
+    for block in layers[1:]:
+        block.forward = passthrough
     try:
         for start in range(0, windows.shape[0], batch_size):
             rows = slice(start, min(start + batch_size, windows.shape[0]))
@@ -124,6 +149,11 @@ def capture_block_inputs(
     finally:
         for handle in handles:
             handle.remove()
+        for block, forward in zip(layers[1:], own_forwards[1:], strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return BlockInputs(hidden=state["hidden"], extras=extras, batch_size=batch_size, device=device)
 
 
@@ -227,20 +257,28 @@ def prune_blockwise(
     prune_linear: PruneLinear,
     batch_size: int = 8,
     progress: bool = True,
+    residency: BlockResidency | None = None,
 ) -> int:
     """Prune the target linears of every decoder block from statistics of their (already pruned) inputs.
 
     Returns the peak resident memory in bytes sampled after each block (psutil RSS). Distributed, each rank
-    takes its share of ``windows`` (the same full tensor on every rank).
+    takes its share of ``windows`` (the same full tensor on every rank). ``residency`` keeps only the current
+    block in memory (see :class:`BlockResidency`).
     """
     if windows.shape[0] < world().world_size:
         raise SeftkitError(f"{windows.shape[0]} calibration windows cannot be shared by {world().world_size} "
                            "processes; raise --nsamples")
     windows = windows[shard_rows(windows.shape[0])]
     process = psutil.Process()
+    if residency is not None:
+        residency.load(0)  # the capture runs block 0 only
     inputs = capture_block_inputs(model, layers, windows, batch_size)
     peak_rss = process.memory_info().rss
+    if residency is not None:
+        residency.inputs_captured()
     for index, block in enumerate(tqdm(layers, desc="prune blocks", unit="block", disable=not progress)):
+        if residency is not None and index > 0:
+            residency.load(index)
         prefix = f"{layers_name}.{index}."
         linears = {prefix + name: module for name, module in find_linears(block, rule, prefix=prefix).items()}
         if linears:
@@ -256,4 +294,6 @@ def prune_blockwise(
         if index + 1 < len(layers):
             run_block(block, index, inputs)
         peak_rss = max(peak_rss, process.memory_info().rss)
+        if residency is not None:
+            residency.release(index)
     return peak_rss

@@ -37,21 +37,24 @@ def repair_checkpoint(
 
     from seftkit.distributed import barrier, init_distributed
     from seftkit.io import atomic_dir, check_output_path, write_json
-    from seftkit.models import load_model, resolve_device, save_model
+    from seftkit.models import choose_dtype, load_model, resolve_device, resolve_dtype, resolve_model_path, save_model
     from seftkit.repair.sharding import full_state_dict, uses_fsdp
 
     check_config(config)
-    make_method(config)  # unknown method names fail before the model loads
+    method = make_method(config)  # unknown method names fail before the model loads
     out_path = check_output_path(out, overwrite, inputs=(model_spec,))
+    out_dtype = choose_dtype(resolve_model_path(model_spec), config.dtype)
     ckpt = checkpoint_dir_for(out_path) if config.checkpoint_every or resume else None
     ranks, device = init_distributed(resolve_device(config.device))
     sharded = uses_fsdp(config.strategy)  # then the model loads into CPU memory and only shards go to the device
-    model, tokenizer = load_model(model_spec, device="cpu" if sharded else device, dtype=config.dtype)
+    load_dtype = "fp32" if method.trains_base_weights else out_dtype
+    model, tokenizer = load_model(model_spec, device="cpu" if sharded else device, dtype=load_dtype)
     report = repair_model(model, tokenizer, config, checkpoint_dir=ckpt, resume=resume, progress=progress,
                           stop_after=stop_after)
     if report.sparsity_after is None:  # stopped early on purpose: the checkpoint is the result
         return report
     report.output = str(out_path)
+    model.to(resolve_dtype(out_dtype))
     state = full_state_dict(model) if sharded else None  # gathered onto rank 0's CPU
     if ranks.is_main:
         with atomic_dir(out_path, overwrite) as tmp:

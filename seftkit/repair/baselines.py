@@ -65,6 +65,7 @@ class StaticSparse(RepairMethod):
     """
 
     name = "static"
+    trains_base_weights = True
 
     def attach(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
         freeze(model)

@@ -57,7 +57,7 @@ class RepairConfig:
     eval_limit: int | None = None
     # runtime
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # weights in memory and in the output; auto: the input checkpoint's dtype
     gradient_checkpointing: bool = False
     checkpoint_every: int | None = None
     # how processes share the model under torchrun: "ddp" replicates it, "fsdp" shards the frozen weights

@@ -19,6 +19,9 @@ from seftkit.repair.config import RepairConfig
 
 class RepairMethod(ABC):
     name: ClassVar[str]
+    # True when the optimizer trains the model's own weights, which then load in fp32 whatever --dtype says
+    # (Adam steps of ~lr are below bf16's resolution); the output is still written in the chosen dtype.
+    trains_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: RepairConfig) -> None:
         self.config = config
