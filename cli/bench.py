@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.common import handle_errors, json_option, show_progress, write_report
 from seftkit.errors import SeftkitError
 from seftkit.sparsity.pattern import parse_pattern
 
@@ -74,9 +74,9 @@ def bench(model: str | None, sparsity: float | None, nm: str | None, batch: str,
         sets = {f"{model} (all targeted linears)": counts}
     shapes = [shape for counts in sets.values() for shape in counts]
     report = BenchReport(bench_layers(shapes, pattern, batches, torch_dtype, chosen, rounds, not no_stream, weights,
-                                      sets))
+                                      sets, progress=show_progress()))
     click.echo("\n".join(format_layers(report.layers)))
     if pruned is not None and "sparse" in chosen:
-        report.decode = bench_decode(pruned, tokenizer, model, tokens, rounds)
+        report.decode = bench_decode(pruned, tokenizer, model, tokens, rounds, progress=show_progress())
         click.echo("\n".join(format_decode(report.decode)))
     write_report(json_path, report)

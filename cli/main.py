@@ -8,6 +8,7 @@ import importlib.util
 import click
 
 from seftkit import __version__
+from seftkit.cli.common import DEBUG_ENV, exit_codes
 
 # name -> (module, one-line help). Command modules import heavy libraries inside the command body only.
 COMMANDS = {
@@ -17,6 +18,7 @@ COMMANDS = {
     "bench": ("seftkit.cli.bench", "Measure sparse vs dense inference speed on this machine."),
     "export": ("seftkit.cli.export", "Export a sparse model as CSR, compressed-tensors or ONNX."),
     "eval": ("seftkit.cli.eval", "Perplexity and zero-shot multiple-choice accuracy, offline."),
+    "plot": ("seftkit.cli.plot", "Draw a repair or verify JSON report as a PNG (needs matplotlib)."),
 }
 
 
@@ -38,6 +40,11 @@ class LazyGroup(click.Group):
         command.short_help = short_help
         return command
 
+    def invoke(self, ctx: click.Context) -> object:
+        # Importing a command module (torch, transformers) can fail or be interrupted too.
+        with exit_codes(ctx.info_name or "seftkit"):
+            return super().invoke(ctx)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """List commands from ``COMMANDS`` so ``seftkit --help`` imports no command module (so no torch)."""
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
@@ -48,11 +55,16 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="seftkit")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=f"Print the traceback of an internal error (or set {DEBUG_ENV}=1).")
+def cli(debug: bool) -> None:
     """seftkit: prune, repair (SEFT), verify, benchmark and export sparse LLMs.
 
     Models are Hugging Face folders (safetensors) or the built-in offline model `smollm2-135m`.
-    Exit codes: 0 ok, 1 check failed (verify), 2 bad input.
+    Every command takes -q/--quiet, -v/--verbose and --progress/--no-progress; results go to stdout,
+    logs and progress bars to stderr.
+
+    \b
+    Exit codes: 0 ok, 1 check failed (verify only), 2 bad input, 3 internal error, 130 interrupted.
     """
 
 

@@ -244,6 +244,4 @@ def _progress(total: int, enabled: bool) -> Any:
     except ModuleNotFoundError:  # the light CI install (click + numpy) has no progress bar
         return contextlib.nullcontext(_NoBar())
 
-    # disable=None hides the bar when stderr is not a terminal (CI logs stay clean).
-    return tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None if enabled else True,
-                leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not enabled, leave=False)
