@@ -49,6 +49,7 @@ def report_kind(report: Any) -> str:
 
 def plot_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
     """Draw a repair or verify report (its JSON form) to the PNG ``out``; returns the path written."""
+    check_plot_path(out)
     kind = report_kind(report)
     draw = {"repair": draw_repair, "verify": draw_verify}[kind]
     try:
@@ -95,7 +96,6 @@ def _figure(size: tuple[float, float]) -> Any:
 
 def save_png(figure: Any, out: str | os.PathLike) -> Path:
     """Write the figure atomically (a reader never sees half a PNG), at exactly its size in pixels."""
-    check_plot_path(out)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
