@@ -1,8 +1,8 @@
 """What every command shares: the ``--json`` option, output options, logging to stderr and the exit codes.
 
 Exit codes: 0 ok, 1 a check failed (only ``verify`` uses it), 2 bad input (:class:`SeftkitError`, usage
-errors), 3 internal error (a bug: one line, the traceback with ``--debug`` or ``SEFTKIT_DEBUG=1``),
-130 interrupted.
+errors, a missing third-party package), 3 internal error (a bug: one line, the traceback with ``--debug`` or
+``SEFTKIT_DEBUG=1``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -101,15 +101,25 @@ def exit_codes(what: str) -> Iterator[None]:
         sys.exit(EXIT_INTERRUPTED)
     except MemoryError:
         fail("out of memory; try a smaller --batch-size, --seqlen or --nsamples")
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package and package != "seftkit":  # seftkit's own module missing is a broken install: internal
+            fail(f"{what} needs the Python package {package}, which is not installed (the light install of "
+                 "seftkit runs only verify; install seftkit with its dependencies)")
+        _internal_error(what, exc)
     except Exception as exc:
-        if debug_enabled():
-            traceback.print_exc(file=sys.stderr)
-            hint = "the traceback is above"
-        else:
-            hint = f"rerun with --debug or {DEBUG_ENV}=1 for the traceback"
-        click.echo(f"seftkit: internal error in {what}: {type(exc).__name__}: {_first_line(exc)} ({hint})",
-                   err=True)
-        sys.exit(EXIT_INTERNAL)
+        _internal_error(what, exc)
+
+
+def _internal_error(what: str, exc: Exception) -> None:
+    """One line and exit 3; the traceback first when debugging (call it while ``exc`` is being handled)."""
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+        hint = "the traceback is above"
+    else:
+        hint = f"rerun with --debug or {DEBUG_ENV}=1 for the traceback"
+    click.echo(f"seftkit: internal error in {what}: {type(exc).__name__}: {_first_line(exc)} ({hint})", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 def handle_errors(func: Callable) -> Callable:

@@ -30,20 +30,16 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, short_help = COMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return None
-            raise
+        with exit_codes(name):  # importing a command (torch, transformers) can fail or be interrupted too
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == module_name:
+                    return None
+                raise
         command = getattr(module, name.replace("-", "_"))
         command.short_help = short_help
         return command
-
-    def invoke(self, ctx: click.Context) -> object:
-        # Importing a command module (torch, transformers) can fail or be interrupted too.
-        with exit_codes(ctx.info_name or "seftkit"):
-            return super().invoke(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """List commands from ``COMMANDS`` so ``seftkit --help`` imports no command module (so no torch)."""

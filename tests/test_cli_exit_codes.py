@@ -31,14 +31,11 @@ def test_every_command_is_covered():
 
 
 def invoke(monkeypatch, tmp_path, name: str, raises: BaseException, *group_args: str):
-    target, args = PROVOKE[name]
-
     def fail(*_, **__):
         raise raises
 
-    monkeypatch.setattr(target, fail)
-    (tmp_path / "r.json").write_text("{}")
-    return CliRunner().invoke(cli, [*group_args, name, *(a.format(tmp=tmp_path) for a in args)])
+    monkeypatch.setattr(PROVOKE[name][0], fail)
+    return invoke_patched(tmp_path, name, *group_args)
 
 
 @pytest.mark.parametrize("name", sorted(PROVOKE))
@@ -93,7 +90,7 @@ def test_a_command_that_fails_to_import_is_an_internal_error(monkeypatch, tmp_pa
     monkeypatch.setitem(COMMANDS, "broken", ("seftkit_broken_command", "never loads"))
     monkeypatch.delenv("SEFTKIT_DEBUG", raising=False)
     result = CliRunner().invoke(cli, ["broken"])
-    assert (result.exit_code, result.stderr) == (3, "seftkit: internal error in cli: RuntimeError: cannot load "
+    assert (result.exit_code, result.stderr) == (3, "seftkit: internal error in broken: RuntimeError: cannot load "
                                                      "(rerun with --debug or SEFTKIT_DEBUG=1 for the traceback)\n")
     sys.modules.pop("seftkit_broken_command", None)
 
@@ -103,3 +100,20 @@ def test_verify_short_is_exit_1_and_ok_is_0(llama_dir):
     assert short.exit_code == 1 and "FAIL: 14 of 14 weights" in short.stdout
     measured = CliRunner().invoke(cli, ["verify", str(llama_dir)])
     assert measured.exit_code == 0 and "measured only" in measured.stdout
+
+
+def test_a_missing_dependency_is_bad_setup_not_a_bug(monkeypatch, tmp_path):
+    """The light install (click + numpy) has no torch: prune says what is missing, exit 2."""
+    monkeypatch.setattr(PROVOKE["prune"][0], lambda *_, **__: __import__("torch_that_is_not_installed"))
+    result = invoke_patched(tmp_path, "prune")
+    assert (result.exit_code, result.stderr) == (2, "seftkit: error: prune needs the Python package "
+                                                    "torch_that_is_not_installed, which is not installed (the light "
+                                                    "install of seftkit runs only verify; install seftkit with its "
+                                                    "dependencies)\n")
+    monkeypatch.setattr(PROVOKE["prune"][0], lambda *_, **__: __import__("seftkit.no_such_module"))
+    assert invoke_patched(tmp_path, "prune").exit_code == 3  # seftkit's own module missing is a bug
+
+
+def invoke_patched(tmp_path, name: str, *group_args: str):
+    (tmp_path / "r.json").write_text("{}")
+    return CliRunner().invoke(cli, [*group_args, name, *(a.format(tmp=tmp_path) for a in PROVOKE[name][1])])
