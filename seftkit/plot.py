@@ -8,7 +8,6 @@ Agg canvas directly, without pyplot, so drawing never touches a caller's matplot
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -79,8 +78,10 @@ def check_plot_path(out: str | os.PathLike) -> None:
     """Fail before any work when the picture cannot be drawn (no matplotlib, not a .png name)."""
     if Path(out).suffix.lower() != ".png":
         raise SeftkitError(f"{out}: the picture is a PNG; name it *.png")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SeftkitError(MISSING_MATPLOTLIB)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SeftkitError(MISSING_MATPLOTLIB) from None
 
 
 def _figure(size: tuple[float, float]) -> Any:
