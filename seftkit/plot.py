@@ -7,7 +7,6 @@ Agg canvas directly, without pyplot, so drawing never touches a caller's matplot
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from seftkit.errors import SeftkitError
+from seftkit.io import atomic_file
 from seftkit.sparsity.targets import layer_index
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,9 @@ def _figure(size: tuple[float, float]) -> Any:
 
 def save_png(figure: Any, out: str | os.PathLike) -> Path:
     """Write the figure atomically (a reader never sees half a PNG), at exactly its size in pixels."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(out)
 
 
 # -- repair ------------------------------------------------------------------------------------------------
