@@ -284,4 +284,4 @@ def _verify_title(report: dict[str, Any]) -> str:
     if not th.get("nm") and th.get("sparsity") is None:
         return head + " (measured only: no target)"
     failed = sum(not t["passed"] for t in tensors)
-    return head + (f" - FAIL: {failed} short" if failed else " - PASS")
+    return head + (f" - FAIL: {failed} of {len(tensors)} weights miss the bar" if failed else " - PASS")

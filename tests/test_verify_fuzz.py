@@ -202,6 +202,7 @@ def shard_cases() -> list[tuple[str, object, dict[str, bytes]]]:
     files = {"a.safetensors": first, "b.safetensors": second}
     return [
         ("good", good, files),
+        ("linked shards", good, files),
         ("missing shard", good, {"a.safetensors": first}),
         ("no weight_map", {"metadata": {}}, files),
         ("weight_map list", {"weight_map": ["a.safetensors"]}, files),
@@ -231,11 +232,16 @@ def test_fuzzed_shard_indexes(index, tmp_path, bounded_reads):
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / scanner.INDEX_FILE).write_text(content if isinstance(content, str) else json.dumps(content))
     for name, blob in files.items():
-        (folder / name).write_bytes(blob)
+        if label == "linked shards":  # the Hugging Face cache layout: snapshot files link to ../blobs
+            (tmp_path / "blobs").mkdir(exist_ok=True)
+            (tmp_path / "blobs" / name).write_bytes(blob)
+            (folder / name).symlink_to(tmp_path / "blobs" / name)
+        else:
+            (folder / name).write_bytes(blob)
     result = CliRunner().invoke(cli, ["verify", str(folder), "--sparsity", "0.3"])
     check_outcome(result, label)
     assert not bounded_reads
-    if label == "good":
+    if label in ("good", "linked shards"):
         assert "(llama, 2 file(s), 4 targeted weights)" in result.stdout
     elif label in ("escaping shard", "absolute shard"):
         assert result.exit_code == 2 and "outside the model folder" in result.stderr, result.stderr
