@@ -186,6 +186,7 @@ def _updates_panel(ax: Any, report: dict[str, Any]) -> None:
     ax.set_title(title)
     ax.set_xlabel("update at optimizer step")
     ax.set_ylabel("weights")
+    ax.yaxis.set_major_formatter("{x:,.0f}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -216,8 +217,9 @@ def _revived_panel(ax: Any, report: dict[str, Any]) -> None:
     ax.set_title(f"{title} ({sum(counts.values()):,} in all)")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("revived weights")
+    ax.yaxis.set_major_formatter("{x:,.0f}")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
 
 
 # -- verify ------------------------------------------------------------------------------------------------
