@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.common import handle_errors, json_option, show_progress, write_report
 from seftkit.errors import SeftkitError
 from seftkit.sparsity.pattern import parse_pattern
 
@@ -90,10 +90,10 @@ def bench(model: str | None, sparsity: float | None, nm: str | None, batch: str,
     for count in thread_counts:
         torch.set_num_threads(count)
         run = BenchRun(count, bench_layers(shapes, pattern, batches, torch_dtype, chosen, rounds, not no_stream,
-                                           weights, sets))
+                                           weights, sets, progress=show_progress()))
         click.echo("\n".join(format_layers(run.layers)))
         if pruned is not None and "sparse" in chosen:
-            run.decode = bench_decode(pruned, tokenizer, model, tokens, rounds)
+            run.decode = bench_decode(pruned, tokenizer, model, tokens, rounds, progress=show_progress())
             click.echo("\n".join(format_decode(run.decode)))
         report.runs.append(run)
     write_report(json_path, report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from seftkit.cli.common import device_option, handle_errors, json_option, write_report
+from seftkit.cli.common import device_option, handle_errors, json_option, show_progress, write_report
 from seftkit.data import DEFAULT_HELDOUT_TEXT, TASK_MIXES
 from seftkit.eval.tasks import DEFAULT_TASKS, TASKS
 
@@ -38,6 +38,6 @@ def eval(model: str, ppl_data: str | None, seqlen: int, tasks: str | None, split
     from seftkit.eval import evaluate_model
 
     report = evaluate_model(model, tasks=tasks, ppl=ppl_data, seqlen=seqlen, limit=limit, split=split,
-                            batch_size=batch_size, device=device, dtype=dtype)
+                            batch_size=batch_size, device=device, dtype=dtype, progress=show_progress())
     click.echo(report.summary())
     write_report(json_path, report)

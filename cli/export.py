@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.common import handle_errors, json_option, show_progress, write_report
 from seftkit.exporters.registry import FORMATS
 
 
@@ -32,7 +32,7 @@ def export(model: str, fmt: str, out: str, dtype: str, opset: int | None, sparse
 
     options = ExportOptions(opset=opset, sparse_initializers=sparse_initializers, nm_layout=nm_layout)
     report = export_model(model, fmt, out, dtype=dtype, options=options, overwrite=overwrite,
-                          rule=TargetRule(include, exclude), progress=True)
+                          rule=TargetRule(include, exclude), progress=show_progress())
     click.echo(f"exported {model} as {report.layout} ({report.dtype}) to {report.out}")
     click.echo(f"  {report.targets} sparse weights at {report.sparsity:.1%} zeros; weights "
                f"{report.export_bytes / 1e6:.1f} MB vs {report.dense_bytes / 1e6:.1f} MB dense "

@@ -8,6 +8,7 @@ import importlib.util
 import click
 
 from seftkit import __version__
+from seftkit.cli.common import DEBUG_ENV, exit_codes
 
 # name -> (module, one-line help). Command modules import heavy libraries inside the command body only.
 COMMANDS = {
@@ -18,6 +19,7 @@ COMMANDS = {
     "export": ("seftkit.cli.export", "Export a sparse model: plain HF + manifest, CSR, compressed-tensors, ONNX."),
     "eval": ("seftkit.cli.eval", "Perplexity and zero-shot multiple-choice accuracy, offline."),
     "generate": ("seftkit.cli.generate", "Generate text on the sparse kernels; prefill and decode tokens/s."),
+    "plot": ("seftkit.cli.plot", "Draw a repair or verify JSON report as a PNG (needs matplotlib)."),
 }
 
 
@@ -29,12 +31,13 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, short_help = COMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return None
-            raise
+        with exit_codes(name):  # importing a command (torch, transformers) can fail or be interrupted too
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == module_name:
+                    return None
+                raise
         command = getattr(module, name.replace("-", "_"))
         command.short_help = short_help
         return command
@@ -49,11 +52,16 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="seftkit")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help=f"Print the traceback of an internal error (or set {DEBUG_ENV}=1).")
+def cli(debug: bool) -> None:
     """seftkit: prune, repair (SEFT), verify, benchmark and export sparse LLMs.
 
     Models are Hugging Face folders (safetensors) or the built-in offline model `smollm2-135m`.
-    Exit codes: 0 ok, 1 check failed (verify), 2 bad input.
+    Every command takes -q/--quiet, -v/--verbose and --progress/--no-progress; results go to stdout,
+    logs and progress bars to stderr.
+
+    \b
+    Exit codes: 0 ok, 1 check failed (verify only), 2 bad input, 3 internal error, 130 interrupted.
     """
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from seftkit.cli.common import device_option, handle_errors, json_option, write_report
+from seftkit.cli.common import device_option, handle_errors, json_option, show_progress, write_report
 from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.models import DTYPE_CHOICES
 from seftkit.prune.registry import PRUNERS
@@ -54,7 +54,8 @@ def prune(model: str, method: str, sparsity: float | None, nm: str | None, calib
     pattern = parse_pattern(sparsity, nm)
     report = prune_checkpoint(model, method, pattern, out=out, calib=calib, nsamples=nsamples, seqlen=seqlen,
                               seed=seed, rule=TargetRule(include, exclude), device=device, overwrite=overwrite,
-                              batch_size=batch_size, dtype=dtype, low_memory=low_memory)
+                              batch_size=batch_size, dtype=dtype, low_memory=low_memory,
+                              progress=show_progress())
     if not world().is_main:  # under torchrun only rank 0 reports
         return
     click.echo(f"pruned {report.model} with {report.method} to {report.pattern}: "

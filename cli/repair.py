@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from seftkit.cli.common import device_option, handle_errors, json_option, write_report
+from seftkit.cli.common import device_option, handle_errors, json_option, show_progress, write_report
 from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.models import DTYPE_CHOICES
 from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
@@ -82,14 +82,17 @@ def repair(model: str, out: str | None, overwrite: bool, resume: bool, eval_task
     """
     from seftkit.distributed import world
     from seftkit.eval.tasks import parse_task_names
+    from seftkit.plot import plot_beside
     from seftkit.repair import repair_checkpoint
 
     if options["delta_density"] is None and options["lora_rank_equivalent"] is None:
         options["lora_rank_equivalent"] = 8
     config = RepairConfig(eval_tasks=parse_task_names(eval_tasks) if eval_tasks else [], **options)
     out = out or f"{Path(model.rstrip('/')).name}-{config.method}"
-    report = repair_checkpoint(model, config, out, overwrite=overwrite, resume=resume)
+    report = repair_checkpoint(model, config, out, overwrite=overwrite, resume=resume, progress=show_progress())
     if not world().is_main:  # under torchrun only rank 0 reports
         return
     click.echo("\n".join(report.summary_lines()))
     write_report(json_path, report)
+    if json_path and (picture := plot_beside(json_path)):
+        click.echo(f"wrote {picture}")

@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from seftkit.cli.common import handle_errors, json_option, write_report
+from seftkit.cli.common import handle_errors, json_option, show_progress, write_report
+from seftkit.plot import check_plot_path, plot_report
 from seftkit.sparsity.pattern import parse_pattern
 from seftkit.sparsity.targets import TargetRule
 from seftkit.verify import DEFAULT_TOL, VerifyReport, verify_model
@@ -27,15 +28,21 @@ _MAX_LISTED = 20
 @click.option("--include", help="Regex: check the 2-D weights whose name matches (replaces the default rule).")
 @click.option("--exclude", help="Regex: skip weights whose name matches.")
 @click.option("--per-layer", is_flag=True, help="Print a sparsity table per decoder layer.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw per-layer sparsity against the target to this PNG (needs matplotlib).")
 @json_option
 @handle_errors
 def verify(model: str, sparsity: float | None, tol: float, nm: str | None, include: str | None,
-           exclude: str | None, per_layer: bool, json_path: str | None) -> None:
+           exclude: str | None, per_layer: bool, plot_path: str | None, json_path: str | None) -> None:
     """Prove MODEL (folder, .safetensors file or built-in name) is sparse, reading safetensors directly."""
+    if plot_path:
+        check_plot_path(plot_path)
     pattern = parse_pattern(sparsity, nm) if sparsity is not None or nm is not None else None
-    report = verify_model(model, pattern, tol, TargetRule(include, exclude), progress=True)
+    report = verify_model(model, pattern, tol, TargetRule(include, exclude), progress=show_progress())
     click.echo(format_summary(report, per_layer))
     write_report(json_path, report.to_dict())
+    if plot_path:
+        click.echo(f"wrote {plot_report(report.to_dict(), plot_path)}")
     if not report.passed:
         sys.exit(1)
 

@@ -91,19 +91,26 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | os.PathLike, report: Any) -> Path:
-    """Write a report (dict or dataclass) as JSON, atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` on success, so no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets the usual mode
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(report), f, indent=2, sort_keys=False)
-            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the usual mode
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_json(path: str | os.PathLike, report: Any) -> Path:
+    """Write a report (dict or dataclass) as JSON, atomically (temp file + rename)."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(_jsonable(report), f, indent=2, sort_keys=False)
+        f.write("\n")
+    return Path(path)

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from seftkit.errors import SeftkitError
-from seftkit.models import builtin_names, model_type, resolve_model_path
+from seftkit.models import builtin_names, resolve_model_path
 from seftkit.sparsity.pattern import SparsityPattern
 from seftkit.sparsity.scanner import (
     MappedFiles,
     TensorInfo,
     checkpoint_files,
+    load_json,
+    raw_dtype,
     read_checkpoint,
     row_blocks,
     zero_mask,
@@ -120,10 +122,17 @@ def resolve_checkpoint(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
 
 
 def _model_type(folder: Path) -> str:
+    """The config's ``model_type`` ("" without a config), read as untrusted JSON."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return ""
     try:
-        return model_type(folder)
-    except (ValueError, OSError):
-        raise SeftkitError(f"{folder / 'config.json'} is not valid JSON") from None
+        data = load_json(config.read_bytes())
+    except OSError as exc:
+        raise SeftkitError(f"cannot read {config}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise SeftkitError(f"{config} is not valid JSON (a JSON object)")
+    return str(data.get("model_type", ""))
 
 
 def _check_tol(tol: float) -> float:
@@ -140,9 +149,15 @@ def scan_tensor(
     ``transposed`` tensors are stored [in, out]: blocks then hold whole groups of M inputs, and the first
     violation is the smallest (out row, in column) over all blocks, as for an [out, in] tensor.
     """
+    nm = pattern if pattern is not None and pattern.is_nm else None
+    if info.numel == 0:  # nothing to count, and the other dimension may be too big to view (0 x 2**62)
+        raw_dtype(info)
+        empty = TensorStats(name=info.name, shape=info.shape, numel=0, zeros=0)
+        if nm is not None:
+            empty.nm_ok, empty.nm_violations = True, 0
+        return empty
     raw = files.raw(info)
     rows, cols = raw.shape
-    nm = pattern if pattern is not None and pattern.is_nm else None
     zeros, bad_groups, first = 0, 0, None
     for block in row_blocks(rows, cols, multiple=nm.m if nm and transposed else 1):
         stats = zero_stats(info.name, zero_mask(raw[block], info.dtype), nm, transposed)
@@ -244,6 +259,4 @@ def _progress(total: int, enabled: bool) -> Any:
     except ModuleNotFoundError:  # the light CI install (click + numpy) has no progress bar
         return contextlib.nullcontext(_NoBar())
 
-    # disable=None hides the bar when stderr is not a terminal (CI logs stay clean).
-    return tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None if enabled else True,
-                leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not enabled, leave=False)

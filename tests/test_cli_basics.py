@@ -38,11 +38,13 @@ def test_help_lists_every_command_without_importing_them():
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
-def test_each_command_has_help_and_a_json_option(name):
+def test_each_command_has_help_and_the_shared_options(name):
     result = CliRunner().invoke(cli, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"Usage: cli {name} [OPTIONS]")
-    assert "--json" in result.stdout
+    for option in ("-q, --quiet", "-v, --verbose", "--progress / --no-progress"):
+        assert option in result.stdout, (name, option)
+    assert "--json" in result.stdout or name == "plot"  # plot writes a picture, not a report
 
 
 def test_version():
@@ -82,9 +84,18 @@ def test_handle_errors_one_line(what, code, stderr):
     assert (result.exit_code, result.stderr, result.stdout) == (code, stderr, "")
 
 
-def test_bugs_keep_their_traceback():
+def test_a_bug_is_one_line_and_exit_3_with_the_traceback_on_request(monkeypatch):
+    monkeypatch.delenv("SEFTKIT_DEBUG", raising=False)
     result = CliRunner().invoke(demo, ["bug"])
-    assert isinstance(result.exception, ZeroDivisionError)
+    assert (result.exit_code, result.stdout) == (3, "")
+    assert result.stderr == ("seftkit: internal error in demo: ZeroDivisionError: a real bug (rerun with --debug or "
+                             "SEFTKIT_DEBUG=1 for the traceback)\n")
+    monkeypatch.setenv("SEFTKIT_DEBUG", "1")
+    result = CliRunner().invoke(demo, ["bug"])
+    assert result.exit_code == 3
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert 'raise ZeroDivisionError("a real bug")' in result.stderr
+    assert result.stderr.splitlines()[-1].endswith("ZeroDivisionError: a real bug (the traceback is above)")
 
 
 def test_json_option_writes_report(tmp_path):

@@ -147,6 +147,7 @@ def evaluate_model(
     batch_size: int = 4,
     device: str = "auto",
     dtype: str = "fp32",
+    progress: bool = True,
 ) -> EvalReport:
     """Load a model folder or built-in name and :func:`evaluate` it; ``ppl`` is a data spec.
 
@@ -156,6 +157,6 @@ def evaluate_model(
 
     _check_arguments(tasks, seqlen, limit, batch_size)
     model, tokenizer = load_model(spec, device=device, dtype=dtype)
-    report = evaluate(model, tokenizer, tasks, ppl, seqlen, limit, split, batch_size)
+    report = evaluate(model, tokenizer, tasks, ppl, seqlen, limit, split, batch_size, progress)
     report.model = str(spec)
     return report

@@ -424,8 +424,10 @@ class SeftMethod(RepairMethod):
         layers = {}
         for layer in self.layers:
             nnz_after = layer.nnz_after if self._merged else int(layer.module.active.sum())
-            layers[layer.name] = {"k": layer.k, "nnz_before": layer.target_nnz, "nnz_after": nnz_after}
-        revived = sum(layer.revived_final if self._merged else layer.revived() for layer in self.layers)
+            revived = layer.revived_final if self._merged else layer.revived()
+            layers[layer.name] = {"k": layer.k, "nnz_before": layer.target_nnz, "nnz_after": nnz_after,
+                                  "revived": revived}
+        revived = sum(entry["revived"] for entry in layers.values())
         return {
             "revive": self.revive,
             "trainable": sum(layer.k for layer in self.layers),

@@ -31,6 +31,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # The reference implementation refuses headers above 100 MB; a larger length means a damaged file.
 _MAX_HEADER = 100 * 1024 * 1024
+# numpy indexes with int64: a larger dimension cannot be viewed (and no real tensor comes near it).
+_MAX_DIM = 2**63
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,19 @@ def _corrupt(path: Path, why: str) -> SeftkitError:
     return SeftkitError(f"corrupt or truncated safetensors {path}: {why}")
 
 
+def load_json(raw: bytes | str) -> object:
+    """Parse untrusted JSON; ``None`` when it is not JSON (deep nesting and giant integers included)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8 and the int-digits limit are ValueErrors
+        return None
+
+
+def _is_index(value: object) -> bool:
+    """A non-negative int that is not a bool (``True`` is an int in Python, never a dimension)."""
+    return type(value) is int and value >= 0
+
+
 def read_header(path: str | os.PathLike) -> list[TensorInfo]:
     """Parse and validate one safetensors file's header (reads only the header bytes)."""
     path = Path(path)
@@ -97,12 +112,9 @@ def read_header(path: str | os.PathLike) -> list[TensorInfo]:
             raw_header = f.read(header_len)
     except OSError as exc:
         raise SeftkitError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "header is not valid JSON") from None
+    header = load_json(raw_header)
     if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
+        raise _corrupt(path, "header is not a JSON object" if header is not None else "header is not valid JSON")
     data_start = 8 + header_len
     data_size = size - data_start
     tensors = [_tensor_info(path, name, entry, data_start, data_size)
@@ -115,20 +127,25 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise _corrupt(path, f"entry for {name} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise _corrupt(path, f"{name} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise _corrupt(path, f"{name} has invalid data_offsets {offsets!r}")
+    if not (isinstance(shape, list) and all(_is_index(d) and d < _MAX_DIM for d in shape)):
+        raise _corrupt(path, f"{name} has an invalid shape {_short(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise _corrupt(path, f"{name} has invalid data_offsets {_short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _corrupt(path, f"{name} spans bytes {begin}..{end} but the data section has {data_size}")
+    if not isinstance(dtype, str):
+        raise _corrupt(path, f"{name} has an invalid dtype {_short(dtype)}")
     if dtype in DTYPES:
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
-            raise _corrupt(path, f"{name} has {end - begin} bytes; {dtype} x {shape} needs {expected}")
-    elif not isinstance(dtype, str):
-        raise _corrupt(path, f"{name} has an invalid dtype {dtype!r}")
+            raise _corrupt(path, f"{name} has {end - begin} bytes; {dtype} x {_short(shape)} needs {expected}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
@@ -149,16 +166,27 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
         return [folder / SINGLE_FILE]
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            raise SeftkitError(f"{index} is not a valid safetensors index (no weight_map)") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise SeftkitError(f"shard {missing[0]} listed in {index} is missing")
-        return [folder / s for s in shards]
+        return _index_shards(folder, index)
     return sorted(folder.glob("*.safetensors"))
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    try:
+        data = load_json(index.read_bytes())
+    except OSError as exc:
+        raise SeftkitError(f"cannot read {index}: {exc.strerror}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise SeftkitError(f"{index} is not a valid safetensors index (no weight_map of file names)")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # judged by name, not by resolving: the Hugging Face cache links shards to blobs outside the folder
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise SeftkitError(f"shard {shard} listed in {index} is outside the model folder")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise SeftkitError(f"shard {missing[0]} listed in {index} is missing")
+    return [folder / s for s in shards]
 
 
 def read_checkpoint(files: list[Path]) -> list[TensorInfo]:
@@ -174,6 +202,13 @@ def read_checkpoint(files: list[Path]) -> list[TensorInfo]:
     return tensors
 
 
+def raw_dtype(info: TensorInfo) -> np.dtype:
+    """The unsigned integer type ``info``'s bytes are viewed as; bad input for a dtype verify cannot read."""
+    if info.dtype not in DTYPES:
+        raise SeftkitError(f"{info.name} has dtype {info.dtype}, which verify cannot read")
+    return DTYPES[info.dtype].raw
+
+
 class MappedFiles:
     """Memory maps opened on demand and shared by every tensor of a scan, so each file is mapped once.
 
@@ -185,9 +220,7 @@ class MappedFiles:
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as unsigned integers of its item size, shaped like the tensor (no copy)."""
-        if info.dtype not in DTYPES:
-            raise SeftkitError(f"{info.name} has dtype {info.dtype}, which verify cannot read")
-        dtype = DTYPES[info.dtype].raw
+        dtype = raw_dtype(info)
         if not info.nbytes:
             return np.zeros(info.shape, dtype=dtype)
         if info.file not in self._maps:
