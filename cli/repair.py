@@ -58,6 +58,7 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
 @click.option("--eval-tasks", help="Tasks scored before and after on their heldout split (comma- or +-separated, "
               "or olmo:commonsense8).")
 @click.option("--eval-limit", type=int, help="Questions per task.")
+@click.option("--eval-windows", type=int, help="Perplexity on the first N windows of --eval-ppl [default: all].")
 @device_option
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=RepairConfig.dtype, show_default=True,
               help="Weight dtype in memory and in the output (auto: the input's); trained values and optimizer "

@@ -113,3 +113,20 @@ def test_missing_model_and_existing_output(pruned_dir, tiny_text_file, tmp_path)
     assert result.exit_code == 2 and "already exists; pass --overwrite" in result.stderr
     result = run(pruned_dir, *train_args(tiny_text_file), "--out", pruned_dir, "--overwrite")
     assert result.exit_code == 2 and "is the input model" in result.stderr
+
+
+def test_eval_windows_caps_the_perplexity_windows(tmp_path, tiny_text_file):
+    from conftest import save_tiny_model
+
+    from seftkit.eval import evaluate
+    from seftkit.models import load_model
+
+    model_dir = tmp_path / "m"
+    save_tiny_model(model_dir, "llama")
+    model, tokenizer = load_model(str(model_dir))
+    texts = [Path(tiny_text_file).read_text()] * 20
+    full = evaluate(model, tokenizer, ppl_texts=texts, seqlen=16, progress=False).ppl
+    capped = evaluate(model, tokenizer, ppl_texts=texts, seqlen=16, progress=False, ppl_windows=3).ppl
+    assert full.windows > 3 and capped.windows == 3
+    result = CliRunner().invoke(cli, ["repair", str(model_dir), "--eval-windows", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--eval-windows must be at least 1, got 0" in result.stderr

@@ -36,7 +36,7 @@ PARTIAL_FILE = ".state.pt.partial"
 STATE_KEYS = frozenset({"config", "trainable", "method", "optimizer", "rng", "progress"})
 # Fields that may change between a run and its resume without changing the result.
 RUNTIME_FIELDS = frozenset({"device", "strategy", "checkpoint_every", "log_every", "eval_ppl", "eval_tasks",
-                            "eval_limit"})
+                            "eval_limit", "eval_windows"})
 
 
 def checkpoint_dir_for(out: str | Path) -> Path:

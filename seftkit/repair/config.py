@@ -55,6 +55,7 @@ class RepairConfig:
     eval_ppl: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
     eval_limit: int | None = None
+    eval_windows: int | None = None  # perplexity on the first N windows of --eval-ppl (None: all)
     # runtime
     device: str = "auto"
     dtype: str = "auto"  # weights in memory and in the output; auto: the input checkpoint's dtype

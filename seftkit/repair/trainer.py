@@ -92,9 +92,10 @@ def make_method(config: RepairConfig) -> RepairMethod:
 def check_config(config: RepairConfig) -> None:
     """Refuse loop and budget settings that cannot train, with the option to fix (each method checks its own
     knobs, e.g. SEFT's drop rate, when it is built)."""
-    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum}
+    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
+                "--eval-windows": config.eval_windows}
     for flag, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise SeftkitError(f"{flag} must be at least 1, got {value}")
     if config.seqlen < 2:
         raise SeftkitError(f"--seqlen must be at least 2, got {config.seqlen}")
@@ -181,7 +182,8 @@ def evaluate_model(
 
     with eval_mode(model):
         result = evaluate(model, tokenizer, tasks=config.eval_tasks or None, ppl_texts=config.eval_ppl,
-                          limit=config.eval_limit, split="heldout", progress=progress)
+                          limit=config.eval_limit, split="heldout", progress=progress,
+                          ppl_windows=config.eval_windows)
     scores = {"ppl": result.ppl.ppl} if result.ppl is not None else {}
     scores.update({f"{name}_acc": task.acc for name, task in result.tasks.items()})
     if result.mean_acc is not None:
