@@ -149,24 +149,23 @@ class SparseDeltaFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_values, None
 
 
-_BIT_WEIGHTS = 8
+_SPREAD_BYTES = 0x0102040810204080
+"""Multiplying 8 little-endian 0/1 bytes by this gathers byte ``i`` into bit ``56 + i`` (no two terms collide)."""
+_BYTE_BITS = ((torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool()
+"""Row ``b``: the 8 bits of byte ``b``, lowest first."""
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 bits, bit ``i`` of byte ``j`` holding flat position ``8 j + i`` (zero-padded)."""
     flat = mask.reshape(-1).view(torch.uint8)
-    flat = F.pad(flat, (0, -flat.numel() % _BIT_WEIGHTS)).view(-1, _BIT_WEIGHTS)
-    packed = flat[:, 0].clone()
-    for bit in range(1, _BIT_WEIGHTS):
-        packed.bitwise_or_(flat[:, bit] << bit)
-    return packed
+    words = F.pad(flat, (0, -flat.numel() % 8)).view(torch.int64)
+    return (words * _SPREAD_BYTES >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
-    shifts = torch.arange(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
-    return bits.view(-1)[: math.prod(shape)].view(torch.bool).view(shape)
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed (a table lookup per byte)."""
+    bits = _BYTE_BITS.to(packed.device).index_select(0, packed.long())
+    return bits.view(-1)[: math.prod(shape)].view(shape)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
