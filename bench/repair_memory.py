@@ -13,7 +13,9 @@ Protocol (every number comes from this one run):
   minus that resident model, i.e. what training adds. The fixed threshold slows training a little, equally for
   every method;
 - seconds per step are the trainer's (training steps only, the boundary step included; SEFT's initial gradient
-  probe is not a step). Ratios are over masked-lora's and static's numbers from the same run.
+  probe is not a step); "steady" leaves out the topology updates (timed apart, "updates": how many and seconds
+  each), which a real run spreads over ``--update-interval`` steps (20 by default) where this one has one in
+  ``--steps``. Ratios are over masked-lora's and static's numbers from the same run.
 """
 
 from __future__ import annotations
@@ -80,12 +82,41 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(job["model"], dtype=job["dtype"])
     check_finite(model)  # reads every weight: the memory-mapped model is resident before the baseline
     loaded_mb = psutil.Process().memory_info().rss / 2**20
+    updates = time_topology_updates()
     reset_peak_rss()
     report = repair_model(model, tokenizer, RepairConfig(**job["config"]), progress=False)
     peak_mb = peak_rss_since_reset_mb()
     return {"loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb, "train_extra_mb": peak_mb - loaded_mb,
             "trainable": report.trainable_params, "step_time_s": report.step_time_s,
+            "update_s": sum(updates), "updates": len(updates),
+            "steady_step_s": (report.train_time_s - sum(updates)) / report.steps_done,
             "wall_time_s": report.wall_time_s, "final_loss": report.final_loss}
+
+
+def time_topology_updates() -> list[float]:
+    """Seconds of every training step's method update that reported an event (SEFT's topology updates),
+    appended to the returned list while :func:`repair_model` runs in this process."""
+    from seftkit.repair import trainer
+
+    seconds: list[float] = []
+    make_method = trainer.make_method
+
+    def timed(config: RepairConfig):
+        method = make_method(config)
+        update = method.after_optimizer_step
+
+        def after_optimizer_step(step, optimizer):
+            tick = time.perf_counter()
+            event = update(step, optimizer)
+            if event is not None:
+                seconds.append(time.perf_counter() - tick)
+            return event
+
+        method.after_optimizer_step = after_optimizer_step
+        return method
+
+    trainer.make_method = timed
+    return seconds
 
 
 def run_method(model_dir: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +137,8 @@ def run_method(model_dir: Path, method: str, args: argparse.Namespace) -> dict[s
 
 
 def format_table(runs: dict[str, dict[str, Any]]) -> list[str]:
-    """One row per method: peak, +MB and s/step, each over masked-lora's and static's."""
+    """One row per method: peak, +MB, s/step, and s/step without topology updates, each over masked-lora's and
+    static's; then the seconds of the topology updates."""
     ok = {name: run for name, run in runs.items() if "error" not in run}
     refs = [name for name in REFERENCES if name in ok]
 
@@ -116,13 +148,16 @@ def format_table(runs: dict[str, dict[str, Any]]) -> list[str]:
         return f"{value:>{fmt}}{ratios}"
 
     header = "".join(f"{'/' + ref[:6]:>8}" for ref in refs)
-    lines = [f"{'method':<13}{'trainable':>12}{'peak MB':>9}{header}{'+MB':>8}{header}{'s/step':>8}{header}"]
+    lines = [f"{'method':<13}{'trainable':>12}{'peak MB':>9}{header}{'+MB':>8}{header}{'s/step':>8}{header}"
+             f"{'steady':>8}{header}{'updates':>9}"]
     for name, run in runs.items():
         if name not in ok:
             lines.append(f"{name:<13}failed: {run['error']}")
             continue
         lines.append(f"{name:<13}{run['trainable']:>12,}{cells(name, 'peak_rss_mb', '9.0f')}"
-                     f"{cells(name, 'train_extra_mb', '8.0f')}{cells(name, 'step_time_s', '8.2f')}")
+                     f"{cells(name, 'train_extra_mb', '8.0f')}{cells(name, 'step_time_s', '8.2f')}"
+                     f"{cells(name, 'steady_step_s', '8.2f')}"
+                     f"{run['updates']:>3} x {run['update_s'] / max(run['updates'], 1):.1f} s")
     return lines
 
 
