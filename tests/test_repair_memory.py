@@ -84,14 +84,17 @@ def test_chunked_loss_matches_hf_loss_and_gradients(family, monkeypatch):
     batch = _batch(model.config.vocab_size)
     rows_per_chunk = 3
     monkeypatch.setattr(loss_module, "LOGIT_CHUNK_BYTES", rows_per_chunk * 4 * model.config.vocab_size)
-    head_rows = []
-    model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
+    head, head_rows, model_calls = model.get_output_embeddings(), [], []
+    head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
+    model.register_forward_pre_hook(lambda m, args, kwargs: model_calls.append(kwargs["input_ids"]),
+                                    with_kwargs=True)  # as lora-prune records its calibration rows
     assert chunkable(model)
     reference, reference_grads = _loss_and_grads(model, lambda: model(**batch, use_cache=False).loss)
     head_rows.clear()
     loss, grads = _loss_and_grads(model, lambda: causal_lm_loss(model, batch))
     # 2 x 10 shifted positions in chunks of 3; backward runs each chunk's head again, last chunk first
     assert head_rows == [3] * 6 + [2] + [2] + [3] * 6
+    assert len(model_calls) == 2 and model.get_output_embeddings() is head
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys() and grads
     for name, grad in grads.items():
