@@ -186,12 +186,11 @@ def test_nothing_dense_is_saved_for_backward_besides_the_weight():
         layer(torch.randn(3, IN, requires_grad=True)).sum().backward()
     assert saved and all(t.numel() < OUT * IN for t in saved)  # W is held by reference, not saved
     assert torch.equal(weight, before)  # the delta written into W for each matmul was taken out again
-    # the module's own O(out*in) state: the frozen weight and the 1-byte active mask, nothing else
+    # the module's own O(out*in) state: the frozen weight and the active mask as bits, nothing else
     tensors = [*layer.parameters(), *layer.buffers()]
     big = [t for t in tensors if t.numel() >= OUT * IN]
-    assert len(big) == 2
-    assert any(t.data_ptr() == layer.base.weight.data_ptr() for t in big)
-    assert any(t.dtype == torch.bool and t.shape == (OUT, IN) for t in big)
+    assert len(big) == 1 and big[0].data_ptr() == layer.base.weight.data_ptr()
+    assert layer.active_bits.dtype == torch.uint8 and layer.active_bits.numel() == OUT * IN // 8
     assert layer.values.shape == (K,) and layer.indices.dtype == torch.int32
 
 

@@ -256,7 +256,8 @@ def test_only_o_k_state_survives_a_step():
         module = layer.module
         numel = module.weight.numel()
         big = [t for t in (*module.parameters(), *module.buffers()) if t.numel() >= numel]
-        assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]
+        assert [str(t.dtype) for t in big] == ["torch.float32"]  # the frozen weight; the active mask is bits
+        assert module.active_bits.numel() == -(-numel // 8)
         held = [layer.grow.positions, layer.grow.scores, layer.sensitivity.positions, layer.sensitivity.scores]
         n = int(0.5 * layer.k)
         # growth: the best inside and anywhere, plus every slot (so a dropped one can be picked again)

@@ -12,12 +12,15 @@ While a layer is in "accumulate" mode (the passes before a SEFT topology update)
 transient ``dW`` and ``T`` to the layer's ``grad_hook``, which keeps O(k) statistics of them (growth
 candidates and sensitivities, see :mod:`seftkit.repair.evolution`).
 
-The only O(out*in) state a :class:`SparseDeltaLinear` adds to the frozen weight is its ``active`` mask (a bool
-tensor, 1 byte per weight): the positions allowed to be non-zero, which SEFT evolves and ``merge`` applies.
+The only O(out*in) state a :class:`SparseDeltaLinear` adds to the frozen weight is its ``active`` mask: the
+positions allowed to be non-zero, which SEFT evolves and ``merge`` applies. It is stored as bits (1/8 byte per
+weight, :func:`pack_bits`); ``active`` unpacks a bool copy for the one layer being worked on and
+``set_active`` writes one back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -146,6 +149,25 @@ class SparseDeltaFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_values, None
 
 
+_SPREAD_BYTES = 0x0102040810204080
+"""Multiplying 8 little-endian 0/1 bytes by this gathers byte ``i`` into bit ``56 + i`` (no two terms collide)."""
+_BYTE_BITS = ((torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool()
+"""Row ``b``: the 8 bits of byte ``b``, lowest first."""
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits, bit ``i`` of byte ``j`` holding flat position ``8 j + i`` (zero-padded)."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    words = F.pad(flat, (0, -flat.numel() % 8)).view(torch.int64)
+    return (words * _SPREAD_BYTES >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed (a table lookup per byte)."""
+    bits = _BYTE_BITS.to(packed.device).index_select(0, packed.long())
+    return bits.view(-1)[: math.prod(shape)].view(shape)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Honour autocast (e.g. bf16 on CUDA) like nn.Linear does; otherwise compute in the input's dtype."""
     device_type = x.device.type
@@ -158,7 +180,8 @@ class SparseDeltaLinear(nn.Module):
     """Wraps a linear (``nn.Linear`` or GPT-2 ``Conv1D``) whose weight stays frozen, adding ``k`` trainable
     fp32 delta values at flat [out, in] positions ``indices``.
 
-    ``indices`` (int32 where they fit) and ``active`` are buffers; ``values`` is the only parameter.
+    ``indices`` (int32 where they fit) and ``active_bits`` (the active mask, packed) are buffers; ``values`` is
+    the only parameter.
     ``grad_hook`` is set by the owner (SEFT) only while it accumulates statistics for a topology update; the
     forward pass captures it, so it must be set before the forward whose backward should report to it.
     """
@@ -175,8 +198,18 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
         if active is None:
             active = weight != 0
-        self.register_buffer("active", active.to(device=weight.device, dtype=torch.bool).contiguous())
+        self.register_buffer("active_bits", pack_bits(active.to(device=weight.device, dtype=torch.bool)))
         self.grad_hook: GradHook | None = None
+
+    @property
+    def active(self) -> torch.Tensor:
+        """The active mask as a fresh bool [out, in] tensor (writing to it changes nothing: use
+        :meth:`set_active`)."""
+        return unpack_bits(self.active_bits, (self.out_features, self.in_features))
+
+    def set_active(self, active: torch.Tensor) -> None:
+        """Store a new active mask ([out, in] or flat bool)."""
+        self.active_bits.copy_(pack_bits(active.to(device=self.active_bits.device, dtype=torch.bool)))
 
     @property
     def weight(self) -> torch.Tensor:

@@ -323,9 +323,11 @@ class SeftMethod(RepairMethod):
                 continue
             grow, sensitivity = layer.grow, layer.sensitivity
             indices = module.indices.long()
-            step = evolve_layer(indices, module.values.abs(), module.active.view(-1), grow,
+            active = module.active.view(-1)
+            step = evolve_layer(indices, module.values.abs(), active, grow,
                                 self._grow_count(layer, window), sensitivity, module.weight, self._rules(layer))
             module.indices.copy_(indices)
+            module.set_active(active)
             module.values[step.repurposed] = 0
             if optimizer is not None:
                 self._restart_slots(optimizer, layer, step.repurposed)
@@ -334,15 +336,15 @@ class SeftMethod(RepairMethod):
             layer.window, layer.grow, layer.sensitivity = None, None, None
             counts.add(step)
             # the invariants candidate selection relies on (it derives eligible counts from them): a bug if broken
-            if not (int(module.active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
-                    and bool(module.active.view(-1)[indices].all())):
+            if not (int(active.sum()) == layer.target_nnz and int(indices.unique().numel()) == layer.k
+                    and bool(active[indices].all())):
                 raise RuntimeError(f"SEFT update {window} broke {layer.name}'s topology invariants (|active| = "
                                    "target nnz, k unique slots inside the active set); this is a bug, please report "
                                    "it")
         topology = {}
         for layer in self.layers:
             topology[f"{layer.name} slots"] = layer.module.indices
-            topology[f"{layer.name} active set"] = layer.module.active
+            topology[f"{layer.name} active set"] = layer.module.active_bits
         check_same_across_ranks(f"SEFT's topology after update {window}", topology)
         if optimizer is not None:
             self._scale_revived_slots(optimizer)
@@ -390,7 +392,7 @@ class SeftMethod(RepairMethod):
         for layer in self.layers:
             layers[layer.name] = {
                 "indices": layer.module.indices.clone(),
-                "active": layer.module.active.clone(),
+                "active_bits": layer.module.active_bits.clone(),
                 "cleared": layer.cleared.clone(),
                 "window": layer.window,
                 "grow": None if layer.grow is None else _clone_state(layer.grow),
@@ -408,7 +410,7 @@ class SeftMethod(RepairMethod):
             saved = state["layers"][layer.name]
             module = layer.module
             module.indices.copy_(saved["indices"])
-            module.active.copy_(saved["active"])
+            module.active_bits.copy_(saved["active_bits"])
             device = module.indices.device
             layer.cleared = saved["cleared"].to(device)
             module.clear_weights(layer.cleared)

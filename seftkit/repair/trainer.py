@@ -49,6 +49,7 @@ from seftkit.repair.baselines import BASELINES
 from seftkit.repair.batches import TrainBatches, build_batches, is_task_data, training_tasks
 from seftkit.repair.checkpoint import Progress, has_checkpoint, input_digests, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
+from seftkit.repair.loss import causal_lm_loss
 from seftkit.repair.method import RepairMethod
 from seftkit.repair.report import LayerSparsity, RepairReport
 from seftkit.repair.sharding import (
@@ -234,10 +235,11 @@ def global_loss(loss: torch.Tensor) -> float:
 
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Causal LM loss (HF shifts labels and skips -100), under bf16 autocast on CUDA."""
+    """Causal LM loss (labels shifted, -100 skipped; the head chunked, see :mod:`seftkit.repair.loss`), under
+    bf16 autocast on CUDA."""
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model(**batch, use_cache=False).loss.float()
+        return causal_lm_loss(model, batch).float()
 
 
 def repair_model(
