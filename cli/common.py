@@ -97,7 +97,8 @@ def exit_codes(what: str) -> Iterator[None]:
     except SeftkitError as exc:
         fail(_first_line(exc), exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("seftkit: interrupted; nothing was written to the output", err=True)
+        click.echo("seftkit: interrupted; no output folder was written (a repair's <out>.ckpt is kept for --resume)",
+                   err=True)
         sys.exit(EXIT_INTERRUPTED)
     except MemoryError:
         fail("out of memory; try a smaller --batch-size, --seqlen or --nsamples")
@@ -108,6 +109,8 @@ def exit_codes(what: str) -> Iterator[None]:
                  "seftkit runs only verify; install seftkit with its dependencies)")
         _internal_error(what, exc)
     except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM is a RuntimeError, not a MemoryError
+            fail("out of device memory; try a smaller --batch-size, --seqlen or --nsamples")
         _internal_error(what, exc)
 
 

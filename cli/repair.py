@@ -9,7 +9,7 @@ import click
 from seftkit.cli.common import device_option, handle_errors, json_option, show_progress, write_report
 from seftkit.data import DEFAULT_TRAIN_TEXT
 from seftkit.models import DTYPE_CHOICES
-from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
+from seftkit.repair.config import DROP_SCHEDULES, EVICTIONS, GROW_SCORES, INIT_MODES, METHODS, RepairConfig
 
 
 @click.command()
@@ -38,18 +38,18 @@ from seftkit.repair.config import DROP_SCHEDULES, METHODS, RepairConfig
               help="SEFT: backward passes that accumulate growth candidates before each evolution.")
 @click.option("--drop-rate", type=float, default=0.2, show_default=True, help="SEFT: initial drop fraction p0.")
 @click.option("--drop-schedule", type=click.Choice(DROP_SCHEDULES), default="cosine", show_default=True)
-@click.option("--init", "init", type=click.Choice(("grad-active", "grad", "random")), default="grad-active",
+@click.option("--init", "init", type=click.Choice(INIT_MODES), default=RepairConfig.init,
               show_default=True, help="SEFT: initial slots from accumulated gradients (anywhere, or only inside "
               "the active set), or at random.")
-@click.option("--keep-regrown/--restart-regrown", default=True, show_default=True,
+@click.option("--keep-regrown/--restart-regrown", default=RepairConfig.keep_regrown, show_default=True,
               help="SEFT: a dropped slot that growth picks again keeps its value and Adam state (SpIEL), or "
               "restarts at 0.")
-@click.option("--eviction", type=click.Choice(("matrix", "row")), default="matrix", show_default=True,
+@click.option("--eviction", type=click.Choice(EVICTIONS), default=RepairConfig.eviction, show_default=True,
               help="SEFT: revived weights evict the least sensitive active weights of the whole matrix, or of "
               "their own output row (every row keeps its nnz).")
-@click.option("--grow-score", type=click.Choice(("sum-abs", "abs-sum")), default="sum-abs", show_default=True,
+@click.option("--grow-score", type=click.Choice(GROW_SCORES), default=RepairConfig.grow_score, show_default=True,
               help="SEFT: rank growth candidates by the window's sum of |g|, or by |sum of g| (SpIEL).")
-@click.option("--revived-lr-scale", type=float, default=1.0, show_default=True,
+@click.option("--revived-lr-scale", type=float, default=RepairConfig.revived_lr_scale, show_default=True,
               help="SEFT: learning-rate multiplier for slots on revived (pruned) positions.")
 @click.option("--nm", help="Keep an N:M pattern (the input must already have it), e.g. 2:4.")
 @click.option("--include", help="Regex of weight names to repair (replaces the default decoder-block rule).")

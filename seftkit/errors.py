@@ -2,7 +2,8 @@
 
 Anything raised as :class:`SeftkitError` reaches the CLI as one line on stderr and exit code 2, with no
 traceback: the message must say what was wrong with the input and, where possible, how to fix it.
-Everything else is a bug and keeps its traceback.
+Everything else is a bug: the CLI reports it in one line with exit code 3, and with its traceback under
+``seftkit --debug`` or ``SEFTKIT_DEBUG=1``.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def demo(what: str, json_path: str | None) -> None:
 
 @pytest.mark.parametrize(("what", "code", "stderr"), [
     ("bad", 2, "seftkit: error: the input was bad\n"),
-    ("interrupt", 130, "seftkit: interrupted; nothing was written to the output\n"),
+    ("interrupt", 130, "seftkit: interrupted; no output folder was written (a repair's <out>.ckpt is kept for "
+                       "--resume)\n"),
     ("memory", 2, "seftkit: error: out of memory; try a smaller --batch-size, --seqlen or --nsamples\n"),
 ])
 def test_handle_errors_one_line(what, code, stderr):

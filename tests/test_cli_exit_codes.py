@@ -7,6 +7,7 @@ import importlib.util
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from seftkit.cli.main import COMMANDS, cli
@@ -61,7 +62,10 @@ def test_debug_shows_the_traceback(name, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("raises", "code", "stderr"), [
     (SeftkitError("bad model\nmore"), 2, "seftkit: error: bad model\n"),
-    (KeyboardInterrupt(), 130, "seftkit: interrupted; nothing was written to the output\n"),
+    (KeyboardInterrupt(), 130, "seftkit: interrupted; no output folder was written (a repair's <out>.ckpt is kept "
+                               "for --resume)\n"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2,
+     "seftkit: error: out of device memory; try a smaller --batch-size, --seqlen or --nsamples\n"),
 ])
 @pytest.mark.parametrize("name", sorted(PROVOKE))
 def test_bad_input_and_interrupt(name, raises, code, stderr, monkeypatch, tmp_path):

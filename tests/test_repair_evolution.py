@@ -291,3 +291,13 @@ def test_random_rounds_keep_k_slots_the_active_count_and_no_empty_active_place(r
     else:
         assert torch.equal(active, start)
         assert nm_valid(active.reshape(rows, cols).float(), 2, 4)
+
+
+def test_row_fallback_takes_each_short_rows_smallest_weights_ties_to_the_lower_position():
+    from seftkit.repair.evolution import _smallest_in_rows
+
+    base = torch.tensor([[3.0, 1.0, 1.0, 2.0], [5.0, 4.0, 0.5, 6.0], [1.0, 1.0, 1.0, 1.0]])
+    active = torch.ones(12, dtype=torch.bool)
+    active[2] = False  # row 0's second 1.0 is not active
+    picked = _smallest_in_rows(torch.tensor([2, 0, 3]), active, base, excluded=torch.tensor([9]))
+    assert sorted(picked.tolist()) == [1, 3, 8, 10, 11]  # row 2: 9 is excluded, the ties go 8, 10, 11

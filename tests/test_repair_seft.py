@@ -385,3 +385,13 @@ def test_signed_growth_tracks_five_times_the_candidates():
         n, numel = int(0.5 * layer.k), layer.module.weight.numel()
         assert layer.grow.signed
         assert candidate_count(n, numel) < layer.grow.positions.numel() <= 2 * candidate_count(n, numel, 5) + layer.k
+
+
+def test_lowest_per_row_breaks_ties_toward_the_lower_position():
+    from seftkit.repair.seft import _lowest_per_row
+
+    sensitivity = torch.zeros(2, 40)
+    sensitivity[1, :3] = torch.tensor([5.0, -1.0, 7.0]).abs()
+    active = torch.ones(80, dtype=torch.bool)
+    picked = _lowest_per_row(sensitivity, 2, active)  # count = 2 * 1 + 16 = 18 per row
+    assert picked.tolist() == list(range(18)) + list(range(43, 61))  # row 1: the first 18 of its zeros

@@ -36,7 +36,7 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise SeftkitError(f"cannot build the model of {folder}: {str(exc).splitlines()[0]}") from None
+        raise SeftkitError(f"cannot build the model of {folder}: {exc}".splitlines()[0]) from None
     return model.eval()
 
 

@@ -8,6 +8,9 @@ from seftkit.data import DEFAULT_TRAIN_TEXT
 
 METHODS = ("seft", "seft-no-revive", "lora-prune", "masked-lora", "static")
 DROP_SCHEDULES = ("cosine", "linear", "constant")
+INIT_MODES = ("grad-active", "grad", "random")
+EVICTIONS = ("matrix", "row")
+GROW_SCORES = ("sum-abs", "abs-sum")
 
 
 @dataclass

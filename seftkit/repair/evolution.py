@@ -370,14 +370,17 @@ def _evict(revived: torch.Tensor, free: torch.Tensor, picks: torch.Tensor, survi
 
 def _smallest_in_rows(short: torch.Tensor, active: torch.Tensor, base_weight: torch.Tensor,
                       excluded: torch.Tensor) -> torch.Tensor:
-    """For each row r with ``short[r] > 0``: its ``short[r]`` active positions of smallest |W| not ``excluded``."""
+    """For each row r with ``short[r] > 0``: its ``short[r]`` active positions of smallest |W| not ``excluded``
+    (ties to the lower position)."""
     width = base_weight.shape[1]
-    picked = []
-    for row in torch.nonzero(short).flatten().tolist():
-        span = torch.arange(row * width, (row + 1) * width, device=active.device)
-        eligible = active[span] & ~is_in(span, excluded)
-        picked.append(span[bottom_positions(base_weight[row].abs(), int(short[row]), eligible)])
-    return torch.cat(picked)
+    rows = torch.nonzero(short).flatten()
+    eligible = active.view(-1, width)[rows]
+    eligible &= ~is_in(torch.arange(active.numel(), device=active.device), excluded).view(-1, width)[rows]
+    scores = base_weight[rows].abs().float().masked_fill_(~eligible, math.inf)
+    order = torch.sort(scores, dim=1, stable=True).indices  # [rows, width], ascending
+    rank = torch.arange(width, device=active.device)
+    take = (rank < short[rows, None]) & (rank < eligible.sum(1, keepdim=True))
+    return (order + rows[:, None] * width)[take]
 
 
 def _others(indices: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

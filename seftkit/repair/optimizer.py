@@ -50,15 +50,16 @@ class SlotAdamW(torch.optim.Optimizer):
                 state = self._state(param)
                 grad = param.grad.float()
                 age = state["age"].add_(1)
-                if decay:
-                    param.mul_(1 - lr * decay)
+                scale = state.get("lr_scale")
+                if decay:  # decoupled decay follows each element's learning rate too
+                    param.mul_(1 - lr * decay * (scale if scale is not None else 1.0))
                 state["exp_avg"].lerp_(grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 # torch's AdamW formula, with the bias corrections per element
                 denom = state["exp_avg_sq"].sqrt().div_((1 - torch.pow(beta2, age)).sqrt_()).add_(eps)
                 step = state["exp_avg"] / (1 - torch.pow(beta1, age))
-                if "lr_scale" in state:
-                    step.mul_(state["lr_scale"])
+                if scale is not None:
+                    step.mul_(scale)
                 param.addcdiv_(step, denom, value=-lr)
         return loss
 

@@ -34,7 +34,7 @@ from torch import nn
 from seftkit.distributed import all_reduce_mean_, check_same_across_ranks
 from seftkit.errors import SeftkitError
 from seftkit.models import linear_weight
-from seftkit.repair.config import DROP_SCHEDULES, RepairConfig
+from seftkit.repair.config import DROP_SCHEDULES, EVICTIONS, GROW_SCORES, INIT_MODES, RepairConfig
 from seftkit.repair.delta import SparseDeltaLinear, gather_flat, replace_module
 from seftkit.repair.evolution import (
     CANDIDATE_FACTOR,
@@ -56,9 +56,6 @@ from seftkit.sparsity.pattern import parse_nm
 log = logging.getLogger(__name__)
 
 INIT_WINDOW = -1  # the accumulation window of the initial slot choice, before step 0
-INIT_MODES = ("grad", "grad-active", "random")
-EVICTIONS = ("matrix", "row")
-GROW_SCORES = ("sum-abs", "abs-sum")
 GRADIENT_INITS = ("grad", "grad-active")
 
 
@@ -446,8 +443,11 @@ def _lowest_per_row(sensitivity: torch.Tensor, n: int, active: torch.Tensor) -> 
     runs out (``sensitivity`` [out, in] with +inf outside the active set)."""
     rows, width = sensitivity.shape
     count = candidate_count(-(-n // rows), width)
-    lowest = torch.topk(sensitivity, count, dim=1, largest=False).indices
-    flat = (lowest + torch.arange(rows, device=lowest.device)[:, None] * width).flatten()
+    cut = torch.topk(sensitivity, count, dim=1, largest=False).values[:, -1:]  # each row's count-th smallest
+    below = sensitivity < cut
+    tied = sensitivity == cut  # equal scores at the cut go to the lower positions, as every selection here
+    tied &= tied.cumsum(1) <= count - below.sum(1, keepdim=True)
+    flat = torch.nonzero((below | tied).view(-1)).flatten()
     return flat[active[flat]]
 
 
