@@ -310,6 +310,8 @@ class SeftMethod(RepairMethod):
     @torch.no_grad()
     def _evolve(self, window: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Drop/grow/adapt every layer with the candidates accumulated for ``window``; returns the event."""
+        if optimizer is not None and not isinstance(optimizer, SlotAdamW):
+            raise TypeError("SEFT restarts and scales single slots; train it with the optimizer from make_optimizer()")
         counts = _Counts()
         for layer in self.layers:
             module = layer.module
@@ -327,7 +329,7 @@ class SeftMethod(RepairMethod):
             module.set_active(active)
             module.values[step.repurposed] = 0
             if optimizer is not None:
-                self._restart_slots(optimizer, layer, step.repurposed)
+                optimizer.restart(layer.module.values, step.repurposed)
             if step.removed.numel():
                 self._clear(layer, step.removed)
             layer.window, layer.grow, layer.sensitivity = None, None, None
@@ -355,25 +357,16 @@ class SeftMethod(RepairMethod):
         row_width = layer.module.in_features if self.config.eviction == "row" else None
         return Rules(keep_regrown=self.config.keep_regrown, row_width=row_width)
 
-    def _scale_revived_slots(self, optimizer: torch.optim.Optimizer) -> None:
+    def _scale_revived_slots(self, optimizer: SlotAdamW) -> None:
         """Slots on revived positions (base weight 0) learn ``revived_lr_scale`` times faster: they start from
         0 where kept weights start from their pruned-model value."""
         if self.config.revived_lr_scale == 1.0 or not self.revive:
             return
-        if not isinstance(optimizer, SlotAdamW):
-            raise TypeError("SEFT scales single slots; train it with the optimizer from make_optimizer()")
         for layer in self.layers:
             module = layer.module
             revived = gather_flat(module.weight, module.indices) == 0
             scale = torch.where(revived, self.config.revived_lr_scale, 1.0).float()
             optimizer.set_lr_scale(module.values, scale)
-
-    @staticmethod
-    def _restart_slots(optimizer: torch.optim.Optimizer, layer: _Layer, slots: torch.Tensor) -> None:
-        """Repurposed slots start over as fresh Adam parameters (zero moments, age 0)."""
-        if not isinstance(optimizer, SlotAdamW):
-            raise TypeError("SEFT restarts single slots; train it with the optimizer from make_optimizer()")
-        optimizer.restart(layer.module.values, slots)
 
     @staticmethod
     def _clear(layer: _Layer, removed: torch.Tensor) -> None:
