@@ -286,7 +286,7 @@ def main() -> None:
     seft_code = code if all(earlier.get("args", {}).get(k) == str(getattr(args, k)) for k in SEFT_SETTINGS) else None
     out = args.json or args.workdir / f"repair_compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"results are saved to {out} as each run finishes", file=sys.stderr, flush=True)
-    evaluation, reference = evaluation_job(args), evaluation_job(args, selects=False)
+    evaluation, reference = evaluation_job(args, selects=len(lrs) > 1), evaluation_job(args, selects=False)
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir, args.prune_method)
     sweep: dict[str, list[dict[str, Any]]] = {}
     dense = earlier.get("dense") or run_job({"model": args.model, **reference})

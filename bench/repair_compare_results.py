@@ -141,9 +141,10 @@ def combined_results(paths: list[Path]) -> dict[str, Any]:
 
 def selection_key(run: dict[str, Any], select: str) -> tuple[float, ...]:
     """What picks the learning rate, higher is better: -val ppl (text), val micro accuracy with the gold-answer
-    log-likelihood breaking ties (``acc``), or that log-likelihood alone (``loglik``)."""
+    log-likelihood breaking ties (``acc``), or that log-likelihood alone (``loglik``); nothing when the run
+    was not scored on val (a single learning rate: there is nothing to choose)."""
     if "val_acc" not in run:
-        return (-run["val_ppl"],)
+        return (-run["val_ppl"],) if "val_ppl" in run else ()
     if select == "loglik":
         return (run["val_gold_loglik"],)
     return run["val_acc"], run["val_gold_loglik"]

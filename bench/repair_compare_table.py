@@ -150,6 +150,8 @@ def format_task_sweep(sweep: dict[str, list[dict[str, Any]]], select: str) -> li
             else "the highest accuracy (log-likelihood breaks ties)")
     lines = [f"learning-rate sweep (val micro accuracy [gold-answer log-likelihood] on the val questions carved "
              f"from each task's train split, never trained on; {rule} is used):"]
+    if not any("val_acc" in r for runs in sweep.values() for r in runs):
+        return ["one learning rate per method (no sweep): nothing scored on val"]
     for name, runs in sweep.items():
         cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else
                                        f"{r['val_acc']:.4f} [{r['val_gold_loglik']:.3f}]")

@@ -275,3 +275,24 @@ def test_bad_task_settings_stop_the_bench_before_any_work(flags, message, tmp_pa
         repair_compare.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_one_learning_rate_scores_no_val_questions_and_still_reports(tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    calls = []
+
+    def fake_run(job, env=None):
+        calls.append(job)
+        run = {k: v for k, v in _task_run({"boolq": "10" * 10, "piqa": "1100" * 5}).items() if k != "lr"}
+        return {k: v for k, v in run.items() if not k.startswith("val_")}
+
+    monkeypatch.setattr(repair_compare, "run_job", fake_run)
+    monkeypatch.setattr(repair_compare, "ensure_pruned", lambda *a: tmp_path / "pruned")
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--data", "olmo:boolq+piqa", "--methods", "seft,masked-lora",
+                                     "--lrs", "3e-3", "--max-per-task", "10", "--no-memory",
+                                     "--json", str(tmp_path / "one.json")])
+    repair_compare.main()
+    assert len(calls) == 4 and not any("val_tasks" in job for job in calls)
+    out = capsys.readouterr().out
+    assert "one learning rate per method (no sweep)" in out and "paired difference in held-out micro accuracy" in out
