@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 
 EXIT_SHORT, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 DEBUG_ENV = "SEFTKIT_DEBUG"
@@ -79,11 +79,6 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def exit_codes(what: str) -> Iterator[None]:
     """Turn whatever escapes ``what`` (a command name) into the exit-code contract above.
@@ -95,7 +90,7 @@ def exit_codes(what: str) -> Iterator[None]:
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except SeftkitError as exc:
-        fail(_first_line(exc), exc.exit_code)
+        fail(first_line(exc), exc.exit_code)
     except KeyboardInterrupt:
         click.echo("seftkit: interrupted; no output folder was written (a repair's <out>.ckpt is kept for --resume)",
                    err=True)
@@ -121,7 +116,7 @@ def _internal_error(what: str, exc: Exception) -> None:
         hint = "the traceback is above"
     else:
         hint = f"rerun with --debug or {DEBUG_ENV}=1 for the traceback"
-    click.echo(f"seftkit: internal error in {what}: {type(exc).__name__}: {_first_line(exc)} ({hint})", err=True)
+    click.echo(f"seftkit: internal error in {what}: {type(exc).__name__}: {first_line(exc)} ({hint})", err=True)
     sys.exit(EXIT_INTERNAL)
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 from seftkit.exporters.common import ExportReport
 
 if TYPE_CHECKING:
@@ -130,8 +130,7 @@ def _export(model: PreTrainedModel, module: torch.nn.Module, example: tuple, dyn
         program = torch.onnx.export(module, example, dynamo=True, opset_version=opset, verbose=False,
                                     input_names=inputs, output_names=outputs, dynamic_shapes=dynamic)
     except Exception as exc:  # the exporter raises many types; all mean this architecture did not trace
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SeftkitError(f"ONNX export of {type(model).__name__} failed: {first}") from None
+        raise SeftkitError(f"ONNX export of {type(model).__name__} failed: {first_line(exc)}") from None
     proto = program.model_proto
     for node in proto.graph.node:  # per-node FX stack traces: debugging aids that grow the file ~2.5x on tiny models
         del node.metadata_props[:]

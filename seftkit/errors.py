@@ -17,3 +17,10 @@ class SeftkitError(Exception):
 
 class DivergenceError(SeftkitError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line reports
+    of errors raised by other libraries."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

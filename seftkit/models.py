@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 from seftkit.sparsity.targets import TargetRule
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _convert_once(gguf_dir: Path, gguf_file: str, final: Path, name: str) -> Pat
         try:
             _convert_gguf(gguf_dir, gguf_file, tmp)
         except (OSError, ValueError, KeyError) as exc:  # a file transformers cannot read, or not a GGUF
-            raise SeftkitError(f"cannot convert {name} from GGUF: {_first_line(exc)}") from None
+            raise SeftkitError(f"cannot convert {name} from GGUF: {first_line(exc)}") from None
         try:
             os.rename(tmp, final)
         except OSError as exc:
@@ -265,16 +265,16 @@ def load_model(
                 path, dtype=torch_dtype, use_safetensors=not allow_pickle or None
             )
     except SafetensorError as exc:  # not an OSError: truncated or damaged *.safetensors
-        raise SeftkitError(f"corrupt or truncated safetensors in {path}: {_first_line(exc)}") from None
+        raise SeftkitError(f"corrupt or truncated safetensors in {path}: {first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise SeftkitError(f"cannot load model from {path}: {_first_line(exc)}") from None
+        raise SeftkitError(f"cannot load model from {path}: {first_line(exc)}") from None
     model.to(resolve_device(device)).eval()
     tokenizer = None
     if with_tokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise SeftkitError(f"cannot load tokenizer from {path}: {_first_line(exc)}") from None
+            raise SeftkitError(f"cannot load tokenizer from {path}: {first_line(exc)}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -285,11 +285,6 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_type(model_or_path: PreTrainedModel | str | os.PathLike) -> str:

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 
 SOURCES = ("bitmap_spmm.cpp",)
 _CFLAGS = ("-O3", "-fopenmp")
@@ -77,8 +77,7 @@ def native() -> ModuleType | None:
     try:
         return _compile()
     except Exception as exc:  # a compiler, ninja or linker failure must not take the model down
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"seftkit: native sparse kernels unavailable ({first}); using dense torch instead",
+        warnings.warn(f"seftkit: native sparse kernels unavailable ({first_line(exc)}); using dense torch instead",
                       RuntimeWarning, stacklevel=2)
         return None
 

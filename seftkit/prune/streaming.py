@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 from seftkit.models import check_finite
 from seftkit.sparsity.scanner import INDEX_FILE, checkpoint_files, read_checkpoint
 
@@ -36,7 +36,7 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise SeftkitError(f"cannot build the model of {folder}: {exc}".splitlines()[0]) from None
+        raise SeftkitError(f"cannot build the model of {folder}: {first_line(exc)}") from None
     return model.eval()
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from seftkit.distributed import barrier, tensor_digest, world
-from seftkit.errors import SeftkitError
+from seftkit.errors import SeftkitError, first_line
 from seftkit.models import linear_weight
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.method import RepairMethod
@@ -116,8 +116,7 @@ def load_checkpoint(path: Path, config: RepairConfig, method: RepairMethod, opti
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file (truncated, garbled, empty) is the same user-facing problem
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SeftkitError(f"cannot read checkpoint {path}: {first}") from None
+        raise SeftkitError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
         raise SeftkitError(f"cannot read checkpoint {path}: it is not a seftkit repair checkpoint")
     saved, current = state["config"], _comparable(config)
