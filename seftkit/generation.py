@@ -166,6 +166,8 @@ def generate(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
+        if on_kernels:
+            _warm_up(runner, ids)
         new, clock = _run(runner, tokenizer, ids, config)
     finally:
         torch.set_num_threads(saved_threads)
@@ -181,6 +183,16 @@ def generate(
         text=tokenizer.decode(new, skip_special_tokens=True), tokens=new)
 
 
+def _warm_up(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    """One prompt-length and one single-token forward, so the kernels' sparse-or-dense timing for both batch
+    sizes happens here and not inside the timed prefill."""
+    import torch
+
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        model(ids[:, -1:], use_cache=False)
+
+
 def _run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor,
          config: GenerateConfig) -> tuple[list[int], StepClock]:
     import torch
@@ -189,9 +201,10 @@ def _run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.
     # top_k 0 switches off transformers' default top-50 cut, so --top-p alone decides the candidates
     sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0} \
         if config.sample else {"do_sample": False}
-    torch.manual_seed(config.seed)
     clock = StepClock()
-    with torch.no_grad():
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the caller's random state is left alone
+        torch.manual_seed(config.seed)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
                              pad_token_id=pad_id, streamer=clock, **sampling)
     return out[0, ids.shape[1]:].tolist(), clock

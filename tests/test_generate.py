@@ -93,6 +93,14 @@ def test_sampling_is_seeded():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_generate_leaves_the_callers_random_state_alone():
+    model, tokenizer = pruned_tiny("qwen2")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    generate(model, PROMPT, max_new_tokens=4, tokenizer=tokenizer, sample=True, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"backend": "nm"}, "unknown backend 'nm'"),
     ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
