@@ -63,7 +63,10 @@ def export_model(
         start = time.perf_counter()
         writer.export(lm, tmp, report, rule, options)
         report.export_seconds = time.perf_counter() - start
-        report.set_sizes(common.dense_bytes(tensors), common.format_files_bytes(tmp, side_files))
+        report.set_sizes(common.dense_bytes(tensors) * entry.weight_copies, common.format_files_bytes(tmp, side_files))
+        if entry.weight_copies > 1:
+            report.notes.append(f"{entry.weight_copies} files each hold every weight; sizes compare with "
+                                f"{entry.weight_copies} dense copies")
         stages.update()
         stages.set_postfix_str("read back")
         writer.verify(lm, tmp, report, rule)

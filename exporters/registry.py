@@ -3,7 +3,9 @@
 ``seftkit export``'s choices and help, the option checks and ``bench/export_sizes.py`` all read this table, so a
 new format is one entry here plus its module. A format module provides
 ``export(model, folder, report, rule, options)`` (write into ``folder``, set ``report.layout``) and
-``verify(model, folder, report, rule)`` (read the files back with the format's own reader; raise if they differ).
+``verify(model, folder, report, rule)`` (read the files back with the format's own reader; raise if they differ:
+an exact format that does not read back exactly is a bug, RuntimeError, exit 3; ONNX's logit check compares two
+runtimes within a tolerance, and missing it is a property of the model on that runtime, SeftkitError, exit 2).
 Nothing here imports torch: ``seftkit export --help`` stays fast.
 """
 
@@ -46,6 +48,7 @@ class ExportFormat:
     dtypes: tuple[str, ...] | None = None  # the dtypes it can write (None: any); "auto" means the first
     # whether the format stores the weights sparse (so an export not smaller than dense deserves a warning)
     stores_sparse: Callable[[ExportOptions], bool] = lambda options: True
+    weight_copies: int = 1  # files that each hold every weight (ONNX: two graphs); sizes compare per copy
     bench: tuple[BenchVariant, ...] = ()
 
     def load_dtype(self, dtype: str) -> str:
@@ -91,7 +94,7 @@ FORMATS: dict[str, ExportFormat] = {
             "a logits graph (model.onnx) and a decoder with a KV cache in Optimum / onnxruntime-genai names "
             "(model_with_past.onnx), fp32",
             options=("opset", "sparse_initializers"), dtypes=("fp32",),
-            stores_sparse=lambda options: options.sparse_initializers,
+            stores_sparse=lambda options: options.sparse_initializers, weight_copies=2,
             bench=(BenchVariant("onnx"),
                    BenchVariant("onnx+sparse-init", ExportOptions(sparse_initializers=True),
                                 lambda sparsity, nm: sparsity is not None and sparsity > 2 / 3))),

@@ -340,7 +340,9 @@ def test_onnx_matches_torch_on_two_shapes(llama_24_dir, tmp_path):
 
     report = export_model(llama_24_dir, "onnx", tmp_path / "onnx")
     assert report.parity["max_abs_diff_1x7"] < 1e-4 and report.parity["max_abs_diff_3x19"] < 1e-4
-    assert report.parity["below_1e-4_abs"] and report.notes == []
+    assert report.parity["below_1e-4_abs"]
+    assert report.notes == ["2 files each hold every weight; sizes compare with 2 dense copies"]
+    assert report.dense_bytes == 2 * export_model(llama_24_dir, "hf", tmp_path / "hf").dense_bytes
     graph = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx.checker.check_model(graph, full_check=True)
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
