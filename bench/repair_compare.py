@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Any
 
 from seftkit.bench.repair_compare_results import (
-    BASELINES,
     combined_results,
     pick_best,
     reusable_runs,
@@ -77,11 +76,18 @@ from seftkit.bench.repair_compare_results import (
     save_results,
 )
 from seftkit.bench.repair_compare_table import format_report, format_task_report, is_task_result
-from seftkit.bench.repair_compare_worker import code_fingerprint, ensure_pruned, run_job, worker
+from seftkit.bench.repair_compare_worker import (
+    add_worker_options,
+    code_fingerprint,
+    ensure_pruned,
+    run_job,
+    serve_worker,
+    worker,
+)
 from seftkit.data import DEFAULT_TRAIN_TEXT, parse_task_data
 from seftkit.errors import SeftkitError
 from seftkit.repair.config import METHODS, RepairConfig
-from seftkit.repair.trainer import check_config, make_method
+from seftkit.repair.registry import REPAIR_METHODS, build_method
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -141,7 +147,7 @@ def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int, 
                           update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
                           drop_rate=args.drop_rate, init=args.init, gradient_checkpointing=args.gradient_checkpointing,
                           device=args.device)
-    if method in BASELINES:
+    if REPAIR_METHODS[method].baseline:
         return config
     return dataclasses.replace(config, **parse_seft_options(args.seft_option))
 
@@ -243,11 +249,9 @@ def main() -> None:
                         "(and SEFT runs made by the same code and SEFT settings)")
     parser.add_argument("--combine", help="comma-separated --json results of one protocol, run in parts (e.g. a "
                         "method at a time): print them as one comparison and run nothing")
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    add_worker_options(parser)
     args = parser.parse_args()
-    if args.worker:
-        args.result.write_text(json.dumps(worker(json.loads(args.worker.read_text()))))
+    if serve_worker(args, worker):
         return
     if args.combine is not None:
         try:
@@ -273,9 +277,7 @@ def main() -> None:
         resolve_mode(args)
         for method in methods:
             for lr in lrs:
-                config = repair_config(args, method, lr, args.steps)
-                check_config(config)
-                make_method(config)
+                build_method(repair_config(args, method, lr, args.steps))
     except SeftkitError as exc:
         parser.error(str(exc))
     try:

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-BASELINES = ("lora-prune", "masked-lora", "static")
+from seftkit.repair.registry import baseline_methods
+
 SHARED_SETTINGS = ("model", "sparsity", "calib_samples", "steps", "batch_size", "seqlen", "lora_rank_equivalent",
                    "warmup_steps", "max_grad_norm", "gradient_checkpointing", "eval_seqlen", "eval_windows",
                    "eval_tasks", "eval_limit", "seed", "data", "max_per_task", "val_limit", "prune_method", "device")
@@ -69,7 +70,7 @@ def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]
 def may_reuse(method: str, run: dict[str, Any], code: str | None) -> bool:
     """A baseline's run always (nothing of SEFT's code or settings reaches it); a SEFT run only when it was made
     by the same code (``code``: see ``code_fingerprint``); never a failed run."""
-    return "error" not in run and (method in BASELINES or (code is not None and run.get("code") == code))
+    return "error" not in run and (method in baseline_methods() or (code is not None and run.get("code") == code))
 
 
 def reused_run(earlier: dict[str, Any], method: str, lr: float, code: str | None = None) -> dict[str, Any] | None:

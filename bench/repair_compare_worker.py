@@ -8,12 +8,14 @@ question with each question's 0/1 outcome kept, so runs can be compared question
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +148,31 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 def run_job(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter (``env`` added to its environment); a diverged or failed run
     is reported, not raised."""
+    return run_in_subprocess("seftkit.bench.repair_compare", job, env)
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The hidden ``--worker JOB.json --result OUT.json`` that :func:`run_in_subprocess` calls a bench with."""
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+
+
+def serve_worker(args: argparse.Namespace, worker: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """Run ``worker`` on the job file when this process was started as one; False in the bench's own process."""
+    if not args.worker:
+        return False
+    args.result.write_text(json.dumps(worker(json.loads(args.worker.read_text()))))
+    return True
+
+
+def run_in_subprocess(module: str, job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``python -m module --worker`` on ``job`` in a fresh interpreter (so peak memory and imports are its own);
+    a failed run is an ``{"error": last stderr line}`` result."""
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "seftkit.bench.repair_compare", "--worker", str(spec),
-                               "--result", str(out)], capture_output=True, text=True,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", str(spec), "--result", str(out)],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})})
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}

@@ -22,19 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from seftkit.bench.repair_compare import ALLOCATOR_ENV, peak_rss_since_reset_mb, reset_peak_rss
+from seftkit.bench.repair_compare import ALLOCATOR_ENV
+from seftkit.bench.repair_compare_worker import (
+    add_worker_options,
+    peak_rss_since_reset_mb,
+    reset_peak_rss,
+    run_in_subprocess,
+    serve_worker,
+)
 from seftkit.models import DEFAULT_MODEL
 from seftkit.repair.config import RepairConfig
+from seftkit.repair.registry import baseline_methods
 
-DEFAULT_METHODS = ("seft", "masked-lora", "lora-prune", "static")
+DEFAULT_METHODS = ("seft", *baseline_methods())
 REFERENCES = ("masked-lora", "static")
 TINYLLAMA_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                    "num_attention_heads": 32, "num_key_value_heads": 4}
@@ -99,10 +105,10 @@ def time_topology_updates() -> list[float]:
     from seftkit.repair import trainer
 
     seconds: list[float] = []
-    make_method = trainer.make_method
+    build_method = trainer.build_method
 
     def timed(config: RepairConfig):
-        method = make_method(config)
+        method = build_method(config)
         update = method.after_optimizer_step
 
         def after_optimizer_step(step, optimizer):
@@ -115,7 +121,7 @@ def time_topology_updates() -> list[float]:
         method.after_optimizer_step = after_optimizer_step
         return method
 
-    trainer.make_method = timed
+    trainer.build_method = timed
     return seconds
 
 
@@ -124,16 +130,7 @@ def run_method(model_dir: Path, method: str, args: argparse.Namespace) -> dict[s
     config = {"method": method, "steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen,
               "lr": 1e-4, "update_interval": 2, "accumulation_steps": 1, "seed": 0}
     job = {"model": str(model_dir), "dtype": args.dtype, "threads": args.threads, "config": config}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "seftkit.bench.repair_memory", "--worker", str(spec),
-                               "--result", str(out)], capture_output=True, text=True,
-                              env={**os.environ, **ALLOCATOR_ENV})
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
-        return json.loads(out.read_text())
+    return run_in_subprocess("seftkit.bench.repair_memory", job, ALLOCATOR_ENV)
 
 
 def format_table(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -177,11 +174,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (the machine is shared)")
     parser.add_argument("--workdir", type=Path, help="keep the built model here and reuse it (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the settings and every run here")
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    add_worker_options(parser)
     args = parser.parse_args()
-    if args.worker:
-        args.result.write_text(json.dumps(worker(json.loads(args.worker.read_text()))))
+    if serve_worker(args, worker):
         return
     methods = [m for m in args.methods.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="seftkit-repair-memory-") as tmp:

@@ -125,6 +125,16 @@ def parse_task_data(spec: str) -> tuple[list[str], str | None] | None:
     return list(dict.fromkeys(task for n in names for task in TASK_MIXES.get(n, (n,)))), split
 
 
+def training_tasks(spec: str) -> tuple[list[str], str]:
+    """The tasks of task data and the split to train on (``train`` unless ``fit`` or ``val`` is named);
+    the held-out split, which evaluation scores, is refused."""
+    tasks, split = parse_task_data(spec) or ([], None)
+    if split == "heldout":
+        raise SeftkitError(f"--data {spec}: repair never trains on held-out questions (evaluation scores them); "
+                           "use the train split (the default) or its fit part")
+    return tasks, split or "train"
+
+
 def read_arrow(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of an Arrow file or of an HF ``save_to_disk`` folder (stream or file IPC format)."""
     import pyarrow as pa

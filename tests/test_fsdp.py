@@ -24,7 +24,7 @@ from seftkit.distributed import init_distributed
 from seftkit.errors import SeftkitError
 from seftkit.prune import prune_checkpoint
 from seftkit.repair import RepairConfig, repair_checkpoint, trainer
-from seftkit.repair.sharding import resolve_strategy
+from seftkit.repair.config import resolve_strategy
 from seftkit.sparsity.pattern import parse_pattern
 from seftkit.verify import verify_model
 
@@ -173,7 +173,7 @@ def test_an_accelerate_fsdp_launch_selects_fsdp(monkeypatch):
     assert resolve_strategy(None) == "fsdp"
     assert resolve_strategy("ddp") == "ddp"
     with pytest.raises(SeftkitError, match="--method static cannot run sharded"):
-        trainer.check_config(RepairConfig(method="static"))
+        RepairConfig(method="static")
 
 
 def worker(root: Path, data: Path) -> None:

@@ -13,7 +13,7 @@ from seftkit.models import linear_weight, target_linears
 from seftkit.prune import prune_model
 from seftkit.repair import RepairConfig, repair_model
 from seftkit.repair.baselines import MaskedLora, lora_rank, top_per_row, uniform_row_nnz
-from seftkit.repair.trainer import method_registry
+from seftkit.repair.registry import REPAIR_METHODS
 from seftkit.sparsity.masks import nm_valid
 from seftkit.sparsity.pattern import parse_pattern
 
@@ -45,7 +45,7 @@ def small_config(method: str, data, **overrides) -> RepairConfig:
 
 
 def test_registry_holds_every_cli_method():
-    assert set(method_registry()) == set(ALL_METHODS)
+    assert set(REPAIR_METHODS) == set(ALL_METHODS)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

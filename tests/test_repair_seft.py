@@ -15,7 +15,8 @@ from seftkit.models import is_linear, linear_weight, target_linears
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.delta import SparseDeltaLinear
 from seftkit.repair.evolution import candidate_count
-from seftkit.repair.seft import METHODS, SeftMethod, delta_budget
+from seftkit.repair.registry import build_method
+from seftkit.repair.seft import SeftMethod, delta_budget
 from seftkit.sparsity.masks import nm_mask, nm_valid, unstructured_mask
 
 STEPS = 12  # boundaries after steps 3 and 7 (none after the last step, 11)
@@ -60,7 +61,7 @@ class Run:
 
 def _start(config: RepairConfig, family: str = "llama", nm: tuple[int, int] | None = None, init: bool = True) -> Run:
     model, masks, batch = _pruned_model(family, nm)
-    method = METHODS[config.method](config)
+    method = build_method(config)
     method.attach(model, target_linears(model))
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
     model.train()
@@ -133,7 +134,7 @@ def test_revive_run_learns_and_evolves(revive_run):
         assert event["dropped"] == event["grown"] == sum(int(0.5 * layer.k) for layer in run.method.layers)
     assert sum(event["revived"] for event in run.events) > 0
     assert sum(event["emptied"] for event in run.events) > 0  # dead revivals are reclaimed as free places
-    assert run.method.init_event["grown"] == total_k
+    assert run.method.init_event["grown"] == total_k and run.method.init_event["regrown"] == 0
 
 
 def test_merge_keeps_exact_nnz_and_revives_pruned_weights(revive_run):
@@ -243,9 +244,9 @@ def test_random_init_starts_inside_the_active_set_without_probes():
 
 def test_budget_from_density_or_rank_and_capped_by_the_active_set():
     assert delta_budget(_config(), 64, 32) == 2 * 96
-    assert delta_budget(_config(delta_density=0.01), 64, 32) == round(0.01 * 64 * 32)
-    with pytest.raises(SeftkitError, match="needs a budget"):
-        delta_budget(_config(lora_rank_equivalent=None), 4, 4)
+    assert delta_budget(_config(delta_density=0.01, lora_rank_equivalent=None), 64, 32) == round(0.01 * 64 * 32)
+    assert delta_budget(RepairConfig(), 64, 32) == 8 * 96  # neither given: rank 8
+    assert delta_budget(RepairConfig(delta_density=0.01), 64, 32) == round(0.01 * 64 * 32)
     run = _start(_config(lora_rank_equivalent=64), init=False)
     assert all(layer.k == layer.target_nnz for layer in run.method.layers)
 
@@ -274,21 +275,21 @@ def test_only_o_k_state_survives_a_step():
         (dict(drop_rate=1.5), "--drop-rate"),
         (dict(drop_schedule="step"), "--drop-schedule"),
         (dict(init="zeros"), "--init"),
-        (dict(delta_density=0.0), "--delta-density"),
+        (dict(delta_density=0.0, lora_rank_equivalent=None), "--delta-density"),
+        (dict(delta_density=0.1), "either --delta-density or --lora-rank-equivalent"),
         (dict(eviction="column"), "--eviction"),
         (dict(grow_score="max"), "--grow-score"),
         (dict(revived_lr_scale=0.0), "--revived-lr-scale"),
         (dict(revived_lr_scale=float("nan")), "--revived-lr-scale"),
     ],
 )
-def test_bad_settings_are_refused(overrides, message):
+def test_bad_settings_are_refused_when_the_config_is_built(overrides, message):
     with pytest.raises(SeftkitError, match=message):
-        SeftMethod(_config(**overrides))
+        _config(**overrides)
 
 
-def test_methods_registry():
-    assert set(METHODS) == {"seft", "seft-no-revive"}
-    assert METHODS["seft"](_config()).revive and not METHODS["seft-no-revive"](_config()).revive
+def test_the_registry_builds_both_seft_methods():
+    assert build_method(_config()).revive and not build_method(_config(method="seft-no-revive")).revive
 
 
 def test_accumulation_windows_precede_each_boundary_but_not_the_end():

@@ -11,7 +11,6 @@ from seftkit.errors import SeftkitError
 from seftkit.eval.tasks import load_task, parse_task_names
 from seftkit.repair import RepairConfig
 from seftkit.repair.batches import IGNORE_INDEX, build_batches, training_items
-from seftkit.repair.trainer import check_config
 
 COMMONSENSE8 = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -90,12 +89,12 @@ def test_the_mix_pools_capped_tasks_and_interleaves_them_by_seed():
 
 def test_max_per_task_and_heldout_training_data_are_refused_before_any_work():
     with pytest.raises(SeftkitError, match="--max-per-task must be at least 1"):
-        check_config(RepairConfig(data="olmo:piqa", max_per_task=0))
+        RepairConfig(data="olmo:piqa", max_per_task=0)
     with pytest.raises(SeftkitError, match="caps multiple-choice task data"):
-        check_config(RepairConfig(max_per_task=10))
+        RepairConfig(max_per_task=10)
     with pytest.raises(SeftkitError, match="never trains on held-out questions"):
-        check_config(RepairConfig(data="olmo:commonsense8:heldout"))
-    check_config(RepairConfig(data="olmo:commonsense8:fit", max_per_task=1000))
+        RepairConfig(data="olmo:commonsense8:heldout")
+    assert RepairConfig(data="olmo:commonsense8:fit", max_per_task=1000).max_per_task == 1000
 
 
 @pytest.mark.parametrize(("split", "scored_splits"), [("train", ("heldout",)), ("fit", ("heldout", "val"))])

@@ -14,8 +14,9 @@ import os
 
 from seftkit.repair.checkpoint import checkpoint_dir_for
 from seftkit.repair.config import RepairConfig
+from seftkit.repair.registry import REPAIR_METHODS, build_method
 from seftkit.repair.report import REPORT_NAME, RepairReport
-from seftkit.repair.trainer import check_config, make_method, method_registry, repair_model
+from seftkit.repair.trainer import repair_model
 
 
 def repair_checkpoint(
@@ -40,8 +41,8 @@ def repair_checkpoint(
     from seftkit.models import choose_dtype, load_model, resolve_device, resolve_dtype, resolve_model_path, save_model
     from seftkit.repair.sharding import full_state_dict, uses_fsdp
 
-    check_config(config)
-    method = make_method(config)  # unknown method names fail before the model loads
+    config.validate()
+    method = build_method(config)  # before the model loads: which dtype it trains in
     out_path = check_output_path(out, overwrite, inputs=(model_spec,))
     out_dtype = choose_dtype(resolve_model_path(model_spec), config.dtype)
     ckpt = checkpoint_dir_for(out_path) if config.checkpoint_every or resume else None
@@ -66,5 +67,5 @@ def repair_checkpoint(
     return report
 
 
-__all__ = ["REPORT_NAME", "RepairConfig", "RepairReport", "checkpoint_dir_for", "method_registry",
+__all__ = ["REPAIR_METHODS", "REPORT_NAME", "RepairConfig", "RepairReport", "checkpoint_dir_for",
            "repair_checkpoint", "repair_model"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,8 +38,6 @@ LORA_ALPHA_PER_RANK = 2.0  # lora_alpha = 2 r, i.e. a fixed update scale of 2 wh
 def lora_rank(config: RepairConfig, targets: dict[str, nn.Module]) -> int:
     """The LoRA rank whose parameter count matches SEFT's budget on these layers."""
     if config.delta_density is None:
-        if not config.lora_rank_equivalent or config.lora_rank_equivalent < 1:
-            raise SeftkitError("give a trainable budget: --delta-density D or --lora-rank-equivalent R (R >= 1)")
         return int(config.lora_rank_equivalent)
     shapes = [linear_weight(m).shape for m in targets.values()]
     total_k = sum(config.delta_density * out * inp for out, inp in shapes)
@@ -257,10 +254,3 @@ def top_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep.scatter_(1, order[:, :count], True)
     return keep
-
-
-BASELINES: dict[str, Callable[[RepairConfig], RepairMethod]] = {
-    "lora-prune": LoraPrune,
-    "masked-lora": MaskedLora,
-    "static": StaticSparse,
-}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from seftkit.data import load_texts, parse_task_data, token_windows
+from seftkit.data import load_texts, parse_task_data, token_windows, training_tasks
 from seftkit.errors import SeftkitError
 
 if TYPE_CHECKING:
@@ -78,15 +78,6 @@ class TrainBatches:
 def is_task_data(spec: str) -> bool:
     """``olmo:<task>[+<task>...][:split]`` or a mix names multiple-choice tasks; anything else is text."""
     return parse_task_data(spec) is not None
-
-
-def training_tasks(spec: str) -> tuple[list[str], str]:
-    """The tasks of task data and the split to train on (``train`` unless ``fit`` or ``val`` is named)."""
-    tasks, split = parse_task_data(spec) or ([], None)
-    if split == "heldout":
-        raise SeftkitError(f"--data {spec}: repair never trains on held-out questions (evaluation scores them); "
-                           "use the train split (the default) or its fit part")
-    return tasks, split or "train"
 
 
 def text_examples(tokenizer: Any, spec: str, seqlen: int, count: int, seed: int) -> list[Example]:

@@ -1,12 +1,23 @@
-"""Every repair knob in one dataclass: the CLI, the Python API, checkpoints and reports share it."""
+"""Every repair knob in one dataclass: the CLI, the Python API, checkpoints and reports share it.
+
+The dataclass owns its validation (:meth:`RepairConfig.validate`, run on construction): a setting that cannot
+train fails here, with the option to fix, before any model loads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
 
-from seftkit.data import DEFAULT_TRAIN_TEXT
+from seftkit.data import DEFAULT_TRAIN_TEXT, parse_task_data, training_tasks
+from seftkit.errors import SeftkitError
+from seftkit.repair.registry import REPAIR_METHODS, REVIVAL_OPTIONS, fsdp_methods, repair_method
+from seftkit.sparsity.pattern import parse_nm
 
-METHODS = ("seft", "seft-no-revive", "lora-prune", "masked-lora", "static")
+METHODS = tuple(REPAIR_METHODS)
+STRATEGIES = ("ddp", "fsdp")
+DEFAULT_LORA_RANK_EQUIVALENT = 8
 DROP_SCHEDULES = ("cosine", "linear", "constant")
 INIT_MODES = ("grad-active", "grad", "random")
 EVICTIONS = ("matrix", "row")
@@ -28,17 +39,18 @@ class RepairConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = None  # clip the trainable parameters' global gradient norm (None: never)
     seed: int = 0
-    # trainable budget: k_l = delta_density * numel, or r * (in + out) (a rank-r LoRA's parameter count)
+    # trainable budget: k_l = delta_density * numel, or r * (in + out) (a rank-r LoRA's parameter count);
+    # with neither given the budget is rank 8
     delta_density: float | None = None
-    lora_rank_equivalent: int | None = 8
-    # SEFT topology evolution (see shared SEFT-SPEC.md)
+    lora_rank_equivalent: int | None = None
+    # SEFT topology evolution (docs/seft.md)
     update_interval: int = 20
     accumulation_steps: int = 5
     drop_rate: float = 0.2
     drop_schedule: str = "cosine"
     # Initial slots: "grad-active" the largest accumulated |dW| inside the active set (pruned weights come back
-    # only through the drop-rate-bounded updates); "grad" the same anywhere, then adapt (the spec's literal
-    # reading: it swaps about half the slots onto pruned positions at once and measured worse, see README);
+    # only through the drop-rate-bounded updates); "grad" the same anywhere, then adapt (it swaps about half
+    # the slots onto pruned positions at once; docs/seft.md);
     # "random" seeded random positions inside the active set.
     init: str = "grad-active"
     revive: bool = True  # False for seft-no-revive: growth confined to the active set
@@ -68,3 +80,85 @@ class RepairConfig:
     # (None: fsdp under an accelerate FSDP launch, else ddp; see seftkit.repair.sharding)
     strategy: str | None = None
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.delta_density is None and self.lora_rank_equivalent is None:
+            self.lora_rank_equivalent = DEFAULT_LORA_RANK_EQUIVALENT
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train (:class:`SeftkitError` naming the option); run on construction."""
+        entry = repair_method(self.method)
+        at_least_one = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                        "--eval-windows": self.eval_windows, "--checkpoint-every": self.checkpoint_every,
+                        "--update-interval": self.update_interval, "--accumulation-steps": self.accumulation_steps,
+                        "--max-per-task": self.max_per_task, "--log-every": self.log_every}
+        for flag, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise SeftkitError(f"{flag} must be at least 1, got {value}")
+        if self.seqlen < 2:
+            raise SeftkitError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.warmup_steps < 0:
+            raise SeftkitError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
+        _check_positive("--lr", self.lr)
+        _check_positive("--revived-lr-scale", self.revived_lr_scale)
+        if self.max_grad_norm is not None:
+            _check_positive("--max-grad-norm", self.max_grad_norm)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise SeftkitError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        self._check_budget()
+        if not 0.0 <= self.drop_rate <= 1.0:
+            raise SeftkitError(f"--drop-rate must be in [0, 1], got {self.drop_rate}")
+        for flag, value, choices in (("--drop-schedule", self.drop_schedule, DROP_SCHEDULES),
+                                     ("--init", self.init, INIT_MODES), ("--eviction", self.eviction, EVICTIONS),
+                                     ("--grow-score", self.grow_score, GROW_SCORES)):
+            if value not in choices:
+                raise SeftkitError(f"unknown {flag} {value!r}: use {', '.join(choices)}")
+        self._check_data()
+        if self.eval_windows is not None and not self.eval_ppl:
+            raise SeftkitError("--eval-windows limits --eval-ppl; give --eval-ppl DATA as well")
+        if self.nm is not None:
+            parse_nm(self.nm)
+        if resolve_strategy(self.strategy) == "fsdp" and entry.fsdp_refusal:
+            methods = fsdp_methods()
+            raise SeftkitError(f"--method {self.method} cannot run sharded: {entry.fsdp_refusal}; use --strategy "
+                               f"ddp (fsdp runs {', '.join(methods[:-1])} and {methods[-1]})")
+
+    def ignored_options(self) -> list[str]:
+        """Options set away from their defaults that this method does not read (e.g. ``--drop-rate`` for
+        masked-lora, ``--eviction`` when nothing revives), as CLI flags."""
+        entry = REPAIR_METHODS[self.method]
+        used = set(entry.options) - (set(REVIVAL_OPTIONS) if self.nm else set())
+        specific = {name for e in REPAIR_METHODS.values() for name in e.options}
+        return ["--" + f.name.replace("_", "-") for f in fields(self)
+                if f.name in specific - used and getattr(self, f.name) != f.default]
+
+    def _check_budget(self) -> None:
+        if self.delta_density is not None and self.lora_rank_equivalent is not None:
+            raise SeftkitError("give either --delta-density or --lora-rank-equivalent, not both")
+        if self.delta_density is not None and not 0 < self.delta_density <= 1:
+            raise SeftkitError(f"--delta-density must be in (0, 1], got {self.delta_density}")
+        if self.lora_rank_equivalent is not None and self.lora_rank_equivalent < 1:
+            raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {self.lora_rank_equivalent}")
+
+    def _check_data(self) -> None:
+        if parse_task_data(self.data) is None:
+            if self.max_per_task is not None:
+                raise SeftkitError(f"--max-per-task caps multiple-choice task data; --data {self.data} is text")
+        else:
+            training_tasks(self.data)
+
+
+def _check_positive(flag: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise SeftkitError(f"{flag} must be a positive number, got {value}")
+
+
+def resolve_strategy(strategy: str | None) -> str:
+    """``strategy``, or when it is not given: ``fsdp`` under an accelerate FSDP launch (``ACCELERATE_USE_FSDP``),
+    else ``ddp``."""
+    if strategy is None:
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
+    if strategy not in STRATEGIES:
+        raise SeftkitError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    return strategy

@@ -1,4 +1,4 @@
-"""SEFT topology evolution for one layer: drop, grow, adapt (see the shared SEFT-SPEC.md).
+"""SEFT topology evolution for one layer: drop, grow, adapt (docs/seft.md).
 
 Every position is a flat index into the row-major [out, in] weight. A layer's topology is its ``k`` slot
 positions ``indices`` (where the trainable delta lives) and its ``active`` mask (where the merged weight may
@@ -183,7 +183,7 @@ class EvolutionStep:
 
 @dataclass(frozen=True)
 class Rules:
-    """How a topology update chooses (see SEFT-SPEC.md; each is a RepairConfig option).
+    """How a topology update chooses (docs/seft.md; each is a RepairConfig option).
 
     ``keep_regrown``: a dropped slot that growth picks again keeps its value and optimizer state (SpIEL), instead
     of restarting at 0. ``row_width``: adapt balances revivals and evictions within each output row of this

@@ -6,10 +6,7 @@ and zeroes that slot's moments, the shared correction still divides its second m
 after a late topology update. :class:`SlotAdamW` counts an ``age`` per element, as SpIEL's optimizer does:
 a restarted slot is exactly a fresh Adam parameter, and for the rest the update is torch's AdamW formula.
 
-Warm-starting a new slot's moments from the accumulation window's gradient statistics (as SpIEL does) was
-measured and dropped: on SmolLM2-135M at 70% (100 steps, lr 3e-3) it raised held-out perplexity from ~98 to
-110-115, probably because the window's early, large gradients then weigh in the second moment for the whole
-run (not verified further).
+SpIEL's warm-started moments for new slots are not offered (they repaired worse: docs/seft.md).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ Outside forward/backward, a read of a sharded weight (SEFT's topology updates, t
 gathers that one layer's full [out, in] matrix on every rank, so every rank must make the same reads in the same
 order (they do: all decisions are replicated); writes (SEFT zeroing removed positions, the merge) go to the rows
 this rank holds. ``static`` trains the weight matrices themselves and ``lora-prune`` merges through peft and
-re-prunes with Wanda, both on plain weights: they are refused. Not sharded either: SEFT's ``active`` masks and
-index buffers (1 byte per target weight, replicated).
+re-prunes with Wanda, both on plain weights: the method registry refuses them. Not sharded either: SEFT's
+``active`` masks and index buffers (1 bit per target weight, replicated).
 
 Every process loads the input model into CPU memory first; ``fully_shard`` then moves only its own shards to the
 device, block by block.
@@ -20,7 +20,6 @@ device, block by block.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
@@ -28,32 +27,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from seftkit.distributed import all_reduce_mean_, world
-from seftkit.errors import SeftkitError
 from seftkit.models import find_decoder_layers, linear_weight
-
-STRATEGIES = ("ddp", "fsdp")
-FSDP_METHODS = ("seft", "seft-no-revive", "masked-lora")
-_REFUSED = {
-    "static": "it trains whole weight matrices (and keeps optimizer state for them)",
-    "lora-prune": "peft's merge and the Wanda re-pruning need unsharded weights",
-}
-
-
-def resolve_strategy(strategy: str | None) -> str:
-    """``strategy``, or when it is not given: ``fsdp`` under an accelerate FSDP launch (``ACCELERATE_USE_FSDP``),
-    else ``ddp``."""
-    if strategy is None:
-        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
-    if strategy not in STRATEGIES:
-        raise SeftkitError(f"unknown --strategy {strategy!r}: use {', '.join(STRATEGIES)}")
-    return strategy
-
-
-def check_strategy(strategy: str | None, method: str) -> None:
-    """Refuse a method FSDP cannot run (whatever the number of processes, so a test run finds out early)."""
-    if resolve_strategy(strategy) == "fsdp" and method in _REFUSED:
-        raise SeftkitError(f"--method {method} cannot run sharded: {_REFUSED[method]}; use --strategy ddp "
-                           f"(fsdp runs {', '.join(FSDP_METHODS[:-1])} and {FSDP_METHODS[-1]})")
+from seftkit.repair.config import resolve_strategy
 
 
 def uses_fsdp(strategy: str | None) -> bool:

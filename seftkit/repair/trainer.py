@@ -32,7 +32,6 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,17 +44,16 @@ from tqdm import tqdm
 from seftkit.distributed import World, all_reduce_mean_, shard_rows, world
 from seftkit.errors import DivergenceError, SeftkitError
 from seftkit.models import check_finite, linear_weight, target_linears
-from seftkit.repair.baselines import BASELINES
-from seftkit.repair.batches import TrainBatches, build_batches, is_task_data, training_tasks
+from seftkit.repair.batches import TrainBatches, build_batches
 from seftkit.repair.checkpoint import Progress, has_checkpoint, input_digests, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.loss import causal_lm_loss
 from seftkit.repair.method import RepairMethod
+from seftkit.repair.registry import build_method
 from seftkit.repair.report import LayerSparsity, RepairReport
 from seftkit.repair.sharding import (
     allocate_gather_buffers,
     average_gradients_,
-    check_strategy,
     full_linear_weight,
     shard_model,
     uses_fsdp,
@@ -68,60 +66,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-
-def method_registry() -> dict[str, Callable[[RepairConfig], RepairMethod]]:
-    """Baselines plus SEFT's methods (``seftkit.repair.seft.METHODS``), by CLI name."""
-    registry = dict(BASELINES)
-    try:
-        from seftkit.repair.seft import METHODS
-    except ModuleNotFoundError as exc:
-        if exc.name != "seftkit.repair.seft":
-            raise
-    else:
-        registry.update(METHODS)
-    return registry
-
-
-def make_method(config: RepairConfig) -> RepairMethod:
-    registry = method_registry()
-    if config.method not in registry:
-        raise SeftkitError(f"unknown repair method {config.method!r}; choose from: {', '.join(sorted(registry))}")
-    return registry[config.method](config)
-
-
-def check_config(config: RepairConfig) -> None:
-    """Refuse loop and budget settings that cannot train, with the option to fix (each method checks its own
-    knobs, e.g. SEFT's drop rate, when it is built)."""
-    positive = {"--steps": config.steps, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
-                "--eval-windows": config.eval_windows}
-    for flag, value in positive.items():
-        if value is not None and value < 1:
-            raise SeftkitError(f"{flag} must be at least 1, got {value}")
-    if config.seqlen < 2:
-        raise SeftkitError(f"--seqlen must be at least 2, got {config.seqlen}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise SeftkitError(f"--lr must be a positive number, got {config.lr}")
-    if config.delta_density is not None and config.lora_rank_equivalent is not None:
-        raise SeftkitError("give either --delta-density or --lora-rank-equivalent, not both")
-    if config.delta_density is not None and not 0 < config.delta_density <= 1:
-        raise SeftkitError(f"--delta-density must be in (0, 1], got {config.delta_density}")
-    if config.lora_rank_equivalent is not None and config.lora_rank_equivalent < 1:
-        raise SeftkitError(f"--lora-rank-equivalent must be at least 1, got {config.lora_rank_equivalent}")
-    if config.max_grad_norm is not None and not (config.max_grad_norm > 0 and math.isfinite(config.max_grad_norm)):
-        raise SeftkitError(f"--max-grad-norm must be a positive number, got {config.max_grad_norm}")
-    if config.max_per_task is not None:
-        if config.max_per_task < 1:
-            raise SeftkitError(f"--max-per-task must be at least 1, got {config.max_per_task}")
-        if not is_task_data(config.data):
-            raise SeftkitError(f"--max-per-task caps multiple-choice task data; --data {config.data} is text")
-    if is_task_data(config.data):
-        training_tasks(config.data)  # refuses a held-out split before the model loads
-    if config.checkpoint_every is not None and config.checkpoint_every < 1:
-        raise SeftkitError(f"--checkpoint-every must be at least 1, got {config.checkpoint_every}")
-    if config.nm is not None:
-        parse_nm(config.nm)
-    check_strategy(config.strategy, config.method)
 
 
 def learning_rate(config: RepairConfig, step: int) -> float:
@@ -242,6 +186,20 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: t
         return causal_lm_loss(model, batch).float()
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one :func:`repair_model` call share."""
+
+    config: RepairConfig
+    ranks: World
+    device: torch.device
+    sharded: bool
+    progress: bool
+    targets: dict[str, nn.Module]
+    layers: dict[str, LayerSparsity]
+    inputs: dict[str, str]  # input weight digests, when checkpointing (a resume must start from the same model)
+
+
 def repair_model(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -258,10 +216,26 @@ def repair_model(
     Settings are checked before the model is touched; an error during training (e.g. :class:`DivergenceError`)
     leaves the model mid-repair, so reload it before using it again.
     """
-    check_config(config)
+    config.validate()  # again: a config may have been changed since it was built
+    if ignored := config.ignored_options():
+        log.warning("warning: --method %s does not use %s%s", config.method, ", ".join(ignored),
+                    " (with --nm nothing revives)" if config.nm else "")
     started = time.perf_counter()
+    run = start_run(model, config, checkpoint_dir is not None, progress)
+    method = build_method(run.config)
+    report = new_report(model, run)
+    attach_method(model, tokenizer, method, run, report)
+    state = fit(model, tokenizer, method, run, report, checkpoint_dir, resume, stop_after)
+    if stop_after is not None and state.step < config.steps:
+        return report  # interrupted on purpose: no merge, the checkpoint holds the run
+    finish(model, tokenizer, method, run, report)
+    report.wall_time_s = time.perf_counter() - started
+    return report
+
+
+def start_run(model: nn.Module, config: RepairConfig, checkpointing: bool, progress: bool) -> _Run:
+    """Where the run trains, which linears it repairs, and their input nnz; refuses a model it cannot repair."""
     ranks = world()
-    progress = progress and ranks.is_main
     sharded = uses_fsdp(config.strategy)
     # sharded, the model may still be in CPU memory: fully_shard moves each rank's shards to its device
     device = torch.device(ranks.device) if sharded else next(model.parameters()).device
@@ -272,49 +246,63 @@ def repair_model(
         raise SeftkitError("no target linears matched; check --include/--exclude")
     check_finite(model)
     check_input_pattern(targets, config.nm)
-    layers = measure_layers(targets)
-    inputs = input_digests(targets) if checkpoint_dir is not None else {}  # before training changes them
-    method = make_method(config)
     if ranks.distributed:  # record what ran (under an accelerate FSDP launch None means fsdp)
         config = dataclasses.replace(config, strategy="fsdp" if sharded else "ddp")
-    report = RepairReport(config=config, method=config.method, trainable_params=0,
-                          total_params=sum(p.numel() for p in model.parameters()), device=str(device), layers=layers,
-                          sparsity_before=overall_sparsity(layers, after=False))
-    report.processes = ranks.world_size
-    report.global_batch_size = config.batch_size * ranks.world_size * config.grad_accum
-    if ranks.is_main and not sharded:  # the others would only repeat it; they wait at DDP's start-up broadcast
-        report.eval_before = evaluate_model(model, tokenizer, config, progress)
+    return _Run(config, ranks, device, sharded, progress and ranks.is_main, targets, measure_layers(targets),
+                input_digests(targets) if checkpointing else {})
 
-    torch.manual_seed(config.seed)
-    method.attach(model, targets)
-    if sharded:
-        shard_model(model, method.trainable_parameters(), device)
-        allocate_gather_buffers(model, device)
+
+def new_report(model: nn.Module, run: _Run) -> RepairReport:
+    config = run.config
+    report = RepairReport(config=config, method=config.method, trainable_params=0,
+                          total_params=sum(p.numel() for p in model.parameters()), device=str(run.device),
+                          layers=run.layers, sparsity_before=overall_sparsity(run.layers, after=False))
+    report.processes = run.ranks.world_size
+    report.global_batch_size = config.batch_size * run.ranks.world_size * config.grad_accum
+    return report
+
+
+def attach_method(model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: RepairMethod, run: _Run,
+                  report: RepairReport) -> None:
+    """Evaluate the input model (when asked), then wrap its target linears (and shard it under FSDP)."""
+    if run.ranks.is_main and not run.sharded:  # the others would only repeat it; they wait at DDP's broadcast
+        report.eval_before = evaluate_model(model, tokenizer, run.config, run.progress)
+    torch.manual_seed(run.config.seed)
+    method.attach(model, run.targets)
+    if run.sharded:
+        shard_model(model, method.trainable_parameters(), run.device)
+        allocate_gather_buffers(model, run.device)
         # every rank runs the sharded forward; the method's update starts at zero, so this is the input model
-        report.eval_before = evaluate_model(model, tokenizer, config, progress)
+        report.eval_before = evaluate_model(model, tokenizer, run.config, run.progress)
     report.trainable_params = method.trainable_count()
+
+
+def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: RepairMethod, run: _Run,
+        report: RepairReport, checkpoint_dir: Path | None, resume: bool, stop_after: int | None) -> Progress:
+    """The optimizer steps (from a checkpoint when resuming, else after the method's gradient probes)."""
+    config = run.config
     optimizer = method.make_optimizer(config.lr, config.weight_decay)
-    global_batch = config.batch_size * ranks.world_size
+    global_batch = config.batch_size * run.ranks.world_size
     batches = build_batches(tokenizer, config.data, config.seqlen, global_batch,
                             max(config.steps * config.grad_accum, method.init_passes()), config.seed,
                             rows=shard_rows(global_batch), max_per_task=config.max_per_task)
-    replica = model if sharded else replicate(model, ranks, device)
+    replica = model if run.sharded else replicate(model, run.ranks, run.device)
     was_training = model.training
     model.train()
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     try:
         if resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
-            state = load_checkpoint(checkpoint_dir, config, method, optimizer, inputs)
+            state = load_checkpoint(checkpoint_dir, config, method, optimizer, run.inputs)
             report.resumed_from_step = state.step
             log.info("resuming %s from step %d (%s)", config.method, state.step, checkpoint_dir)
         else:
             if resume:
                 log.info("no checkpoint in %s; starting %s from step 0", checkpoint_dir, config.method)
-            state = Progress(inputs=inputs)
-            run_init_passes(replica, method, batches, device)
-        train_seconds = train(replica, method, optimizer, batches, config, state, device, checkpoint_dir, progress,
-                              stop_after, density=1.0 - report.sparsity_before, average_gradients=sharded)
+            state = Progress(inputs=run.inputs)
+            run_init_passes(replica, method, batches, run.device)
+        seconds = train(replica, method, optimizer, batches, config, state, run.device, checkpoint_dir,
+                        run.progress, stop_after, density=1.0 - report.sparsity_before, average_gradients=run.sharded)
     finally:
         if config.gradient_checkpointing:
             set_activation_checkpointing(model, False)
@@ -323,21 +311,23 @@ def repair_model(
     report.loss_curve = state.loss_curve
     report.events = state.events
     steps_run = state.step - (report.resumed_from_step or 0)
-    report.train_time_s = train_seconds
-    report.step_time_s = train_seconds / steps_run if steps_run else 0.0
-    if stop_after is not None and state.step < config.steps:
-        return report  # interrupted on purpose: no merge, the checkpoint holds the run
+    report.train_time_s = seconds
+    report.step_time_s = seconds / steps_run if steps_run else 0.0
+    return state
+
+
+def finish(model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: RepairMethod, run: _Run,
+           report: RepairReport) -> None:
+    """Merge into plain modules, check every layer's nnz and pattern, evaluate the result, record memory."""
     method.merge()
-    check_output_sparsity(model, layers, config.nm)
-    report.sparsity_after = overall_sparsity(layers, after=True)
+    check_output_sparsity(model, run.layers, run.config.nm)
+    report.sparsity_after = overall_sparsity(run.layers, after=True)
     report.method_summary = method.summary()
-    if ranks.is_main or sharded:  # a sharded forward needs every rank
-        report.eval_after = evaluate_model(model, tokenizer, config, progress)
-    report.wall_time_s = time.perf_counter() - started
+    if run.ranks.is_main or run.sharded:  # a sharded forward needs every rank
+        report.eval_after = evaluate_model(model, tokenizer, run.config, run.progress)
     report.peak_rss_mb = peak_rss_mb()
-    if device.type == "cuda":
-        report.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    return report
+    if run.device.type == "cuda":
+        report.peak_cuda_mb = torch.cuda.max_memory_allocated(run.device) / 2**20
 
 
 def check_loss(loss: float, when: str, checkpoint_dir: Path | None) -> None:
