@@ -139,17 +139,20 @@ def training_data(args: argparse.Namespace) -> str:
 def repair_config(args: argparse.Namespace, method: str, lr: float, steps: int, seed: int | None = None
                   ) -> RepairConfig:
     """The shared settings of every run; only the method, learning rate, length and (extra runs) seed vary, and
-    the SEFT methods get ``--seft-option``."""
-    config = RepairConfig(method=method, data=training_data(args), max_per_task=args.max_per_task, steps=steps,
-                          batch_size=args.batch_size, seqlen=args.seqlen, lr=lr,
-                          seed=args.seed if seed is None else seed, lora_rank_equivalent=args.lora_rank_equivalent,
-                          warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
-                          update_interval=args.update_interval, accumulation_steps=args.accumulation_steps,
-                          drop_rate=args.drop_rate, init=args.init, gradient_checkpointing=args.gradient_checkpointing,
-                          device=args.device)
+    the SEFT methods get the evolution settings and ``--seft-option``."""
+    shared = dict(method=method, data=training_data(args), max_per_task=args.max_per_task, steps=steps,
+                  batch_size=args.batch_size, seqlen=args.seqlen, lr=lr, seed=args.seed if seed is None else seed,
+                  lora_rank_equivalent=args.lora_rank_equivalent, warmup_steps=args.warmup_steps,
+                  max_grad_norm=args.max_grad_norm, gradient_checkpointing=args.gradient_checkpointing,
+                  device=args.device)
     if REPAIR_METHODS[method].baseline:
-        return config
-    return dataclasses.replace(config, **parse_seft_options(args.seft_option))
+        return RepairConfig(**shared)
+    options = parse_seft_options(args.seft_option)
+    if "delta_density" in options:  # a density budget replaces the rank one
+        shared["lora_rank_equivalent"] = None
+    return RepairConfig(**shared, **{"update_interval": args.update_interval,
+                                     "accumulation_steps": args.accumulation_steps, "drop_rate": args.drop_rate,
+                                     "init": args.init, **options})
 
 
 def evaluation_job(args: argparse.Namespace, selects: bool = True) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from seftkit.bench.repair_compare_worker import (
 )
 from seftkit.models import DEFAULT_MODEL
 from seftkit.repair.config import RepairConfig
-from seftkit.repair.registry import baseline_methods
+from seftkit.repair.registry import REPAIR_METHODS, baseline_methods
 
 DEFAULT_METHODS = ("seft", *baseline_methods())
 REFERENCES = ("masked-lora", "static")
@@ -128,7 +128,9 @@ def time_topology_updates() -> list[float]:
 def run_method(model_dir: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
     """:func:`worker` for ``method`` in a fresh interpreter; a failed run is reported, not raised."""
     config = {"method": method, "steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen,
-              "lr": 1e-4, "update_interval": 2, "accumulation_steps": 1, "seed": 0}
+              "lr": 1e-4, "seed": 0}
+    if REPAIR_METHODS[method].options:  # SEFT's: a topology update every 2 steps, so a short run times some
+        config.update(update_interval=2, accumulation_steps=1)
     job = {"model": str(model_dir), "dtype": args.dtype, "threads": args.threads, "config": config}
     return run_in_subprocess("seftkit.bench.repair_memory", job, ALLOCATOR_ENV)
 
@@ -179,6 +181,8 @@ def main() -> None:
     if serve_worker(args, worker):
         return
     methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in REPAIR_METHODS]:
+        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(REPAIR_METHODS)}")
     with tempfile.TemporaryDirectory(prefix="seftkit-repair-memory-") as tmp:
         model_dir = Path(tmp) if args.workdir is None else args.workdir / model_name(args)
         info = model_dir / "bench_model.json"

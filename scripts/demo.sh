@@ -8,20 +8,28 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}
 SEFTKIT=${SEFTKIT:-.venv/bin/seftkit}
 mkdir -p "$RUN"
+START=$SECONDS
+stage() { echo "   ($((SECONDS - STAGE)) s)"; STAGE=$SECONDS; }
+STAGE=$SECONDS
 
 echo "== 1/4 prune smollm2-135m to 70% with Wanda (16 x 512 calibration tokens)"
 $SEFTKIT prune smollm2-135m --method wanda --sparsity 0.7 --nsamples 16 --seqlen 512 \
     --out "$RUN/pruned" --overwrite --json "$RUN/prune.json"
+stage
 
 echo "== 2/4 verify the pruned model"
 $SEFTKIT verify "$RUN/pruned" --sparsity 0.7 --json "$RUN/verify-pruned.json"
+stage
 
 echo "== 3/4 repair with SEFT (sparsity kept, pruned weights may come back where they matter)"
 $SEFTKIT repair "$RUN/pruned" --method seft --steps 40 --batch-size 2 --seqlen 128 --lr 3e-3 \
     --warmup-steps 4 --max-grad-norm 1 --update-interval 10 --drop-rate 0.5 \
     --eval-ppl olmo:lambada:heldout --eval-windows 16 --out "$RUN/repaired" --overwrite --json "$RUN/repair.json"
+stage
 
 echo "== 4/4 verify the repaired model"
 $SEFTKIT verify "$RUN/repaired" --sparsity 0.7 --plot "$RUN/verify-repaired.png" --json "$RUN/verify-repaired.json"
+stage
 
+echo "main job: $((SECONDS - START)) s on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 echo "reports in $RUN/*.json, pictures in $RUN/*.png; models in $RUN/pruned and $RUN/repaired"

@@ -58,6 +58,7 @@ def test_unknown_method_lists_the_registry():
      ["--eviction", "--revived-lr-scale"]),
     ({"method": "seft", "nm": "2:4", "revived_lr_scale": 2.0, "grow_score": "abs-sum"}, ["--revived-lr-scale"]),
     ({"method": "seft", "eviction": "row", "revived_lr_scale": 2.0, "drop_rate": 0.5}, []),
+    ({"method": "seft", "revive": False, "eviction": "row"}, ["--eviction"]),
     ({"method": "static"}, []),
 ])
 def test_options_a_method_does_not_read_are_named(settings, ignored):
@@ -67,7 +68,7 @@ def test_options_a_method_does_not_read_are_named(settings, ignored):
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"steps": 0}, "--steps must be at least 1"),
-    ({"log_every": 0}, "--log-every must be at least 1"),
+    ({"log_every": 0}, "log_every must be at least 1"),
     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
     ({"eval_windows": 0, "eval_ppl": "olmo:lambada:heldout"}, "--eval-windows must be at least 1"),
     ({"seqlen": 1}, "--seqlen must be at least 2"),
@@ -90,9 +91,27 @@ def test_a_config_changed_after_it_was_built_is_checked_again_by_repair():
     config.steps = 0
     with pytest.raises(SeftkitError, match="--steps must be at least 1"):
         repair_model(None, None, config)
+    config = RepairConfig(method="seft")
+    config.lora_rank_equivalent = None
+    with pytest.raises(SeftkitError, match="give a trainable budget"):
+        repair_model(None, None, config)
 
 
 def test_the_default_budget_is_rank_8_and_a_density_replaces_it():
     assert RepairConfig().lora_rank_equivalent == 8
     config = RepairConfig(delta_density=0.02)
     assert config.lora_rank_equivalent is None and config.delta_density == 0.02
+
+
+def test_repair_warns_once_about_options_its_method_ignores(caplog, tiny_text_file):
+    from conftest import make_tiny_model
+
+    from seftkit.repair import repair_model
+
+    model, tokenizer = make_tiny_model("llama")
+    config = RepairConfig(method="masked-lora", data=str(tiny_text_file), steps=1, batch_size=1, seqlen=16,
+                          drop_rate=0.5, lora_rank_equivalent=1)
+    with caplog.at_level("WARNING", logger="seftkit.repair.trainer"):
+        repair_model(model, tokenizer, config, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert warnings == ["warning: --method masked-lora does not use --drop-rate"]

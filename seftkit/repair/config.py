@@ -49,8 +49,8 @@ class RepairConfig:
     drop_rate: float = 0.2
     drop_schedule: str = "cosine"
     # Initial slots: "grad-active" the largest accumulated |dW| inside the active set (pruned weights come back
-    # only through the drop-rate-bounded updates); "grad" the same anywhere, then adapt (it swaps about half
-    # the slots onto pruned positions at once; docs/seft.md);
+    # only through the drop-rate-bounded updates); "grad" the same anywhere, then adapt (about half the slots
+    # land on pruned positions at once);
     # "random" seeded random positions inside the active set.
     init: str = "grad-active"
     revive: bool = True  # False for seft-no-revive: growth confined to the active set
@@ -92,7 +92,7 @@ class RepairConfig:
         at_least_one = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
                         "--eval-windows": self.eval_windows, "--checkpoint-every": self.checkpoint_every,
                         "--update-interval": self.update_interval, "--accumulation-steps": self.accumulation_steps,
-                        "--max-per-task": self.max_per_task, "--log-every": self.log_every}
+                        "--max-per-task": self.max_per_task, "log_every": self.log_every}
         for flag, value in at_least_one.items():
             if value is not None and value < 1:
                 raise SeftkitError(f"{flag} must be at least 1, got {value}")
@@ -128,14 +128,18 @@ class RepairConfig:
         """Options set away from their defaults that this method does not read (e.g. ``--drop-rate`` for
         masked-lora, ``--eviction`` when nothing revives), as CLI flags."""
         entry = REPAIR_METHODS[self.method]
-        used = set(entry.options) - (set(REVIVAL_OPTIONS) if self.nm else set())
+        revives = entry.revives and self.revive and self.nm is None
+        used = set(entry.options) - (set() if revives else set(REVIVAL_OPTIONS))
         specific = {name for e in REPAIR_METHODS.values() for name in e.options}
         return ["--" + f.name.replace("_", "-") for f in fields(self)
                 if f.name in specific - used and getattr(self, f.name) != f.default]
 
     def _check_budget(self) -> None:
         if self.delta_density is not None and self.lora_rank_equivalent is not None:
-            raise SeftkitError("give either --delta-density or --lora-rank-equivalent, not both")
+            raise SeftkitError("give either --delta-density or --lora-rank-equivalent, not both (a config built "
+                               f"without either has rank {DEFAULT_LORA_RANK_EQUIVALENT}: set it to None)")
+        if self.delta_density is None and self.lora_rank_equivalent is None:
+            raise SeftkitError("give a trainable budget: --delta-density D or --lora-rank-equivalent R")
         if self.delta_density is not None and not 0 < self.delta_density <= 1:
             raise SeftkitError(f"--delta-density must be in (0, 1], got {self.delta_density}")
         if self.lora_rank_equivalent is not None and self.lora_rank_equivalent < 1:

@@ -217,7 +217,7 @@ def repair_model(
     leaves the model mid-repair, so reload it before using it again.
     """
     config.validate()  # again: a config may have been changed since it was built
-    if ignored := config.ignored_options():
+    if world().is_main and (ignored := config.ignored_options()):
         log.warning("warning: --method %s does not use %s%s", config.method, ", ".join(ignored),
                     " (with --nm nothing revives)" if config.nm else "")
     started = time.perf_counter()
