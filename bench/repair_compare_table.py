@@ -140,9 +140,24 @@ def format_task_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str
     and every task's margin over chance."""
     best = {method: pick_best(runs, select) for method, runs in sweep.items()}
     tasks = list(pruned["acc"])
+    skilled = above_chance(dense, tasks)
     return "\n".join([*format_task_sweep(sweep, select), "", *format_task_table(dense, pruned, best, tasks, seed),
                       *format_task_seeds(best, tasks, seed), *format_paired(best, tasks, seed),
+                      *(format_paired(best, skilled, seed, "only the tasks the dense model answers above chance ("
+                                      + ", ".join(skilled) + ")") if skilled and skilled != tasks else []),
                       *format_chance_margins(dense, pruned, best, tasks, seed)])
+
+
+def margin_over_chance(run: dict, task: str) -> tuple[float, float]:
+    """Accuracy minus chance on ``task``, and that accuracy's standard error."""
+    acc = run["acc"][task]
+    return acc - run["chance"][task], math.sqrt(max(acc * (1 - acc), 1e-12) / run["n"][task])
+
+
+def above_chance(run: dict, tasks: list[str]) -> list[str]:
+    """The tasks ``run`` answers more than two standard errors above chance: where there is skill to recover
+    (chosen from the dense model, never from the methods compared)."""
+    return [t for t in tasks if (m := margin_over_chance(run, t))[0] > 2 * m[1]]
 
 
 def format_task_sweep(sweep: dict[str, list[dict[str, Any]]], select: str) -> list[str]:
@@ -202,8 +217,9 @@ def format_task_seeds(best: dict[str, dict | None], tasks: list[str], seed: int)
             *lines]
 
 
-def format_paired(best: dict[str, dict | None], tasks: list[str], seed: int) -> list[str]:
-    """SEFT minus each method in micro accuracy, question by question, with its bootstrap 95% interval."""
+def format_paired(best: dict[str, dict | None], tasks: list[str], seed: int, subset: str = "") -> list[str]:
+    """SEFT minus each method in micro accuracy over ``tasks``, question by question, with its bootstrap 95%
+    interval (``subset`` says which tasks when not all)."""
     reference = best.get(PAIRED_REFERENCE)
     if not reference:
         return []
@@ -211,7 +227,7 @@ def format_paired(best: dict[str, dict | None], tasks: list[str], seed: int) -> 
     lines = ["", f"paired difference in held-out micro accuracy, {PAIRED_REFERENCE} minus each method: each "
              "question's 0/1 outcome averaged over the seeds both have; 95% interval by paired bootstrap over the "
              f"questions (resampled within each task, the same resample for both methods, {BOOTSTRAP_RESAMPLES} "
-             "resamples, seeded):"]
+             "resamples, seeded)" + (f"; {subset}:" if subset else ":")]
     for name, run in best.items():
         if name == PAIRED_REFERENCE or not run:
             continue
@@ -233,7 +249,7 @@ def format_chance_margins(dense: dict, pruned: dict, best: dict[str, dict | None
     def cells(accs: dict[str, float]) -> str:
         out = []
         for t in tasks:
-            margin, se = accs[t] - pruned["chance"][t], math.sqrt(max(accs[t] * (1 - accs[t]), 1e-12) / pruned["n"][t])
+            margin, se = margin_over_chance({"acc": accs, "chance": pruned["chance"], "n": pruned["n"]}, t)
             out.append(f"{margin:>+8.3f}{'*' if margin > 2 * se else ' '}")
         return "".join(out)
 

@@ -210,6 +210,20 @@ def test_task_report_gives_seed_spread_paired_intervals_and_chance_margins():
     assert margins[0].split()[:2] == ["pruned", "-0.500"] and "+0.500*" in margins[1]
 
 
+def test_paired_intervals_are_repeated_on_the_tasks_the_dense_model_answers_above_chance():
+    from seftkit.bench.repair_compare_table import above_chance, format_task_report
+
+    dense = _task_run({"boolq": "10" * 20, "piqa": "1" * 36 + "0" * 4})  # boolq at chance, piqa far above
+    assert above_chance(dense, ["boolq", "piqa"]) == ["piqa"]
+    seft = _task_run({"boolq": "1" * 40, "piqa": "1" * 20 + "0" * 20})
+    other = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})
+    text = format_task_report(dense, dense, {"seft": [seft], "masked-lora": [other]}, seed=0)
+    blocks = text.split("paired difference")[1:]
+    assert len(blocks) == 2 and "only the tasks the dense model answers above chance (piqa)" in blocks[1]
+    assert "+0.5000" in blocks[0] and "seft better" in blocks[0]  # all of it from boolq
+    assert "+0.0000" in blocks[1] and "no difference at 95%" in blocks[1]
+
+
 def test_combine_merges_parts_by_learning_rate_and_seed(tmp_path):
     from seftkit.bench.repair_compare_results import combined_results
 
