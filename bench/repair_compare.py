@@ -86,7 +86,7 @@ from seftkit.bench.repair_compare_worker import (
 )
 from seftkit.data import DEFAULT_TRAIN_TEXT, parse_task_data
 from seftkit.errors import SeftkitError
-from seftkit.repair.config import METHODS, RepairConfig
+from seftkit.repair.config import RepairConfig
 from seftkit.repair.registry import REPAIR_METHODS, build_method
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_TRAIN_TEXT, help="training data: text, or multiple-choice tasks "
                         "(olmo:commonsense8, olmo:boolq+piqa, ...) for task mode")
     parser.add_argument("--max-per-task", type=int, help="task mode: at most this many training questions per task")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated repair methods")
+    parser.add_argument("--methods", default=",".join(REPAIR_METHODS), help="comma-separated repair methods")
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="the shared LR sweep")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -264,9 +264,9 @@ def main() -> None:
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in REPAIR_METHODS]
     if unknown:
-        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(REPAIR_METHODS)}")
     lrs = [float(x) for x in args.lrs.split(",")]
     try:
         extra_seeds = [int(x) for x in args.extra_seeds.split(",") if x.strip()]

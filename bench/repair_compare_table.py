@@ -148,16 +148,16 @@ def format_task_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str
                       *format_chance_margins(dense, pruned, best, tasks, seed)])
 
 
-def margin_over_chance(run: dict, task: str) -> tuple[float, float]:
-    """Accuracy minus chance on ``task``, and that accuracy's standard error."""
-    acc = run["acc"][task]
-    return acc - run["chance"][task], math.sqrt(max(acc * (1 - acc), 1e-12) / run["n"][task])
+def margin_over_chance(acc: float, chance: float, n: int) -> tuple[float, float]:
+    """Accuracy minus chance, and that accuracy's standard error over ``n`` questions."""
+    return acc - chance, math.sqrt(max(acc * (1 - acc), 1e-12) / n)
 
 
 def above_chance(run: dict, tasks: list[str]) -> list[str]:
     """The tasks ``run`` answers more than two standard errors above chance: where there is skill to recover
     (chosen from the dense model, never from the methods compared)."""
-    return [t for t in tasks if (m := margin_over_chance(run, t))[0] > 2 * m[1]]
+    margins = {t: margin_over_chance(run["acc"][t], run["chance"][t], run["n"][t]) for t in tasks}
+    return [t for t, (margin, se) in margins.items() if margin > 2 * se]
 
 
 def format_task_sweep(sweep: dict[str, list[dict[str, Any]]], select: str) -> list[str]:
@@ -249,7 +249,7 @@ def format_chance_margins(dense: dict, pruned: dict, best: dict[str, dict | None
     def cells(accs: dict[str, float]) -> str:
         out = []
         for t in tasks:
-            margin, se = margin_over_chance({"acc": accs, "chance": pruned["chance"], "n": pruned["n"]}, t)
+            margin, se = margin_over_chance(accs[t], pruned["chance"][t], pruned["n"][t])
             out.append(f"{margin:>+8.3f}{'*' if margin > 2 * se else ' '}")
         return "".join(out)
 

@@ -15,7 +15,6 @@ from seftkit.errors import SeftkitError
 from seftkit.repair.registry import REPAIR_METHODS, REVIVAL_OPTIONS, fsdp_methods, repair_method
 from seftkit.sparsity.pattern import parse_nm
 
-METHODS = tuple(REPAIR_METHODS)
 STRATEGIES = ("ddp", "fsdp")
 DEFAULT_LORA_RANK_EQUIVALENT = 8
 DROP_SCHEDULES = ("cosine", "linear", "constant")
