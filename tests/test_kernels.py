@@ -211,6 +211,32 @@ def test_fp32_activations_with_bf16_weights_keep_fp32_precision():
     assert_matches_reference(y, x, weight)
 
 
+@pytest.mark.parametrize("isa", [p for p in LEVELS if p.values[0] < Isa.AVX512_BF16])
+def test_bf16_outputs_are_the_fp32_sums_rounded_as_torch_rounds(isa):
+    # below AVX-512 BF16, bf16 activations are widened exactly and summed as fp32 ones are, so the in-kernel
+    # rounding of the bf16 output must be torch's round-to-nearest-even of the same sums, bit for bit
+    weight = pruned(70, 95, torch.bfloat16, sparsity=0.7)
+    packed = pack_bitmap(weight)
+    x = torch.randn(6, 95).to(torch.bfloat16)
+    y16 = native().bitmap_matmul(x, packed.values, packed.bits, packed.row_ptr, 95, int(isa))
+    y32 = native().bitmap_matmul(x.float(), packed.values, packed.bits, packed.row_ptr, 95, int(isa))
+    assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    assert torch.equal(y16, y32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_aligned_inputs_give_the_contiguous_result(dtype):
+    weight = pruned(20, 64, dtype, sparsity=0.7)
+    packed = pack_bitmap(weight)
+    wide = torch.randn(5, 128).to(dtype)
+    strided = wide[:, ::2]  # width 64 (whole words) but not contiguous: must not be read in place
+    y = native().bitmap_matmul(strided, packed.values, packed.bits, packed.row_ptr, 64, int(kernel_isa()))
+    expected = native().bitmap_matmul(strided.contiguous(), packed.values, packed.bits, packed.row_ptr, 64,
+                                      int(kernel_isa()))
+    assert torch.equal(y, expected)
+    assert_matches_reference(y, strided.contiguous(), weight)
+
+
 def test_kernel_rejects_mismatched_input_width_and_bad_buffers():
     packed = pack_bitmap(pruned(4, 64, torch.float32, sparsity=0.5))
     with pytest.raises(RuntimeError, match=r"x must be \[batch, 64\]"):

@@ -55,7 +55,7 @@ class SparseLinear(nn.Module):
         self.choice = (choice or DEFAULT_CHOICE) if dense_fallback else None
         self._dense: torch.Tensor | None = None
         self._dense_buckets: set[int] = set()  # buckets that run dense here: the dense copy is kept for them
-        self._uses_sparse: dict[tuple[int, torch.dtype, int], bool] = {}
+        self._uses_sparse: dict[tuple[int, torch.dtype, int], bool] = {}  # by rows: a hit costs no bucket lookup
 
     @classmethod
     def from_linear(cls, module: nn.Module, nm: tuple[int, int] | None = None, isa: Isa | None = None,
@@ -78,7 +78,9 @@ class SparseLinear(nn.Module):
         module = native()
         if module is None:  # only reachable by constructing SparseLinear directly where the build failed
             raise SeftkitError("native sparse kernels are not available on this machine")
-        return module.bitmap_matmul(flat, self.values, self.bits, self.row_ptr, self.in_features, int(self.isa))
+        buffers = self._buffers  # read directly: nn.Module's attribute fallback costs ~1 us a tensor per call
+        return module.bitmap_matmul(flat, buffers["values"], buffers["bits"], buffers["row_ptr"], self.in_features,
+                                    int(self.isa))
 
     def dense_forward(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat @ W.T`` with dense torch on the weight rebuilt from the packed form (no bias)."""
@@ -90,27 +92,28 @@ class SparseLinear(nn.Module):
     def _runs_sparse(self, rows: int, x_dtype: torch.dtype) -> bool:
         if self.choice is None:
             return True
-        local = (bucket(rows), x_dtype, torch.get_num_threads())
-        if local not in self._uses_sparse:
-            self._uses_sparse[local] = self.choice.use_sparse(self, rows, x_dtype)
-            if self._uses_sparse[local]:
+        local = (rows, x_dtype, torch.get_num_threads())
+        decided = self._uses_sparse.get(local)
+        if decided is None:
+            decided = self._uses_sparse[local] = self.choice.use_sparse(self, rows, x_dtype)
+            if decided:
                 if not self._dense_buckets:
                     self._dense = None  # built only to time dense: the packed form is all this layer needs
             else:
-                self._dense_buckets.add(local[0])
-        return self._uses_sparse[local]
+                self._dense_buckets.add(bucket(rows))
+        return decided
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # checked here, not only in the kernel: reshape would otherwise fold a wrong width into other rows, and
         # an error raised in C++ must cross the extension boundary (which crashed one GPU image's build)
-        if x.shape[-1] != self.in_features or x.device.type != "cpu":
+        if x.shape[-1] != self.in_features or not x.is_cpu:
             raise ValueError(f"SparseLinear takes CPU inputs of width {self.in_features}, got {tuple(x.shape)} "
                              f"on {x.device}")
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self.sparse_forward(flat) if self._runs_sparse(flat.shape[0], flat.dtype) else self.dense_forward(flat)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(x.shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
         kind = f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"

@@ -14,6 +14,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <climits>
@@ -271,7 +272,32 @@ RowFn pick(int64_t isa, bool bf16, int64_t batch) {
   }
 }
 
-// y[B, out] = x[B, in] @ W.T for a bitmap-packed W; runs at min(isa, what this CPU supports).
+// The activations as the kernels read them: fp32 (bf16 for the bf16 dot product), rows padded with zeros to
+// whole keep-words. Used in place when x already is that; otherwise converted and padded in one pass, since at
+// decode sizes separate aten copies cost as much as a small layer's product.
+torch::Tensor kernel_input(const torch::Tensor& x, bool bf16_x, int64_t padded) {
+  const auto want = bf16_x ? at::kBFloat16 : at::kFloat;
+  if (x.scalar_type() == want && x.size(1) == padded && x.is_contiguous()) return x;
+  const auto src = (x.scalar_type() == want || x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
+  auto xp = at::empty({x.size(0), padded}, x.options().dtype(want));
+  const int64_t in = src.size(1);
+  for (int64_t b = 0; b < src.size(0); ++b) {
+    if (src.scalar_type() == want) {
+      const int64_t size = src.element_size();
+      char* dst = static_cast<char*>(xp.data_ptr()) + b * padded * size;
+      std::memcpy(dst, static_cast<const char*>(src.data_ptr()) + b * in * size, in * size);
+      std::memset(dst + in * size, 0, (padded - in) * size);
+    } else {  // bf16 activations widened for the fp32 paths: exact
+      const auto* row = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()) + b * in;
+      float* dst = xp.data_ptr<float>() + b * padded;
+      for (int64_t c = 0; c < in; ++c) dst[c] = bf16_to_float(row[c]);
+      std::fill(dst + in, dst + padded, 0.0f);
+    }
+  }
+  return xp;
+}
+
+// y[B, out] = x[B, in] @ W.T for a bitmap-packed W, in x's dtype; runs at min(isa, what this CPU supports).
 torch::Tensor bitmap_matmul(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& bits,
                             const torch::Tensor& row_ptr, int64_t in_features, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [batch, ", in_features, "]");
@@ -290,15 +316,17 @@ torch::Tensor bitmap_matmul(const torch::Tensor& x, const torch::Tensor& values,
   if (isa == kAvx512Bf16 && x.scalar_type() != at::kBFloat16) isa = kAvx512;
   const bool bf16_x = bf16 && isa == kAvx512Bf16;
   const int64_t batch = x.size(0), padded = words * kWordBits;
-  auto xp = at::constant_pad_nd(x.to(bf16_x ? at::kBFloat16 : at::kFloat), {0, padded - in_features}).contiguous();
-  auto y = torch::empty({batch, out_features}, x.options().dtype(at::kFloat));
+  const auto xp = kernel_input(x, bf16_x, padded);
+  const bool bf16_y = x.scalar_type() == at::kBFloat16;
+  auto y = torch::empty({batch, out_features}, x.options().dtype(bf16_y ? at::kBFloat16 : at::kFloat));
   const auto* bits_p = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
   const auto* ptr_p = row_ptr.data_ptr<int64_t>();
   const char* values_p = static_cast<const char*>(values.data_ptr());
   const char* x_p = static_cast<const char*>(xp.data_ptr());
   const int64_t value_size = values.element_size(), x_size = xp.element_size();
-  float* y_p = y.data_ptr<float>();
+  char* y_p = static_cast<char*>(y.data_ptr());
   at::parallel_for(0, out_features, kRowBlock, [&](int64_t begin, int64_t end) {
+    float block[kBatchTile][kRowBlock];  // one tile's fp32 sums, stored to y (rounded to bf16 there) at once
     for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
       const int64_t r1 = std::min(end, r0 + kRowBlock);
       for (int64_t b0 = 0; b0 < batch; b0 += kBatchTile) {
@@ -306,13 +334,22 @@ torch::Tensor bitmap_matmul(const torch::Tensor& x, const torch::Tensor& values,
         RowFn fn = pick(isa, bf16, tile);
         for (int64_t r = r0; r < r1; ++r) {
           RowArgs args{bits_p + r * words, words, values_p + ptr_p[r] * value_size,
-                       x_p + b0 * padded * x_size, padded, y_p + b0 * out_features + r, out_features};
+                       x_p + b0 * padded * x_size, padded, &block[0][r - r0], kRowBlock};
           fn(args);
+        }
+        for (int64_t b = 0; b < tile; ++b) {
+          const int64_t offset = (b0 + b) * out_features + r0;
+          if (bf16_y) {
+            auto* out = reinterpret_cast<at::BFloat16*>(y_p) + offset;
+            for (int64_t i = 0; i < r1 - r0; ++i) out[i] = at::BFloat16(block[b][i]);
+          } else {
+            std::memcpy(reinterpret_cast<float*>(y_p) + offset, block[b], (r1 - r0) * sizeof(float));
+          }
         }
       }
     }
   });
-  return y.to(x.scalar_type());
+  return x.scalar_type() == at::kFloat || bf16_y ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
