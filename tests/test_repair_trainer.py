@@ -254,3 +254,18 @@ def test_repair_on_task_data_learns_the_answers():
                           progress=False)
     losses = [loss for _, loss in report.loss_curve]
     assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])
+
+
+@pytest.mark.parametrize(("dtype", "native", "warned"), [(torch.bfloat16, False, True), (torch.bfloat16, True, False),
+                                                         (torch.float32, False, False)])
+def test_repair_warns_when_this_cpu_would_run_bf16_slowly(caplog, tiny_text_file, monkeypatch, dtype, native, warned):
+    monkeypatch.setattr("seftkit.repair.trainer.cpu_runs_bf16_natively", lambda: native)
+    model, tokenizer = make_tiny_model("llama")
+    config = RepairConfig(method="masked-lora", data=str(tiny_text_file), steps=1, batch_size=1, seqlen=16,
+                          lora_rank_equivalent=1)
+    with caplog.at_level("WARNING", logger="seftkit.repair.trainer"):
+        repair_model(model.to(dtype), tokenizer, config, progress=False)
+    slow = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(slow) == int(warned)
+    if warned:
+        assert "--dtype fp32" in slow[0]

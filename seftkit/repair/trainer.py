@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from seftkit.distributed import World, all_reduce_mean_, shard_rows, world
 from seftkit.errors import DivergenceError, SeftkitError
-from seftkit.models import check_finite, linear_weight, target_linears
+from seftkit.models import check_finite, cpu_runs_bf16_natively, linear_weight, target_linears
 from seftkit.repair.batches import TrainBatches, build_batches
 from seftkit.repair.checkpoint import Progress, has_checkpoint, input_digests, load_checkpoint, save_checkpoint
 from seftkit.repair.config import RepairConfig
@@ -246,6 +246,10 @@ def start_run(model: nn.Module, config: RepairConfig, checkpointing: bool, progr
         raise SeftkitError("no target linears matched; check --include/--exclude")
     check_finite(model)
     check_input_pattern(targets, config.nm)
+    if ranks.is_main and device.type == "cpu" and linear_weight(next(iter(targets.values()))).dtype == torch.bfloat16 \
+            and not cpu_runs_bf16_natively():
+        log.warning("this CPU has no native bf16: torch's bf16 matmuls run several times slower than fp32 here; "
+                    "--dtype fp32 trains faster at twice the weight memory")
     if ranks.distributed:  # record what ran (under an accelerate FSDP launch None means fsdp)
         config = dataclasses.replace(config, strategy="fsdp" if sharded else "ddp")
     return _Run(config, ranks, device, sharded, progress and ranks.is_main, targets, measure_layers(targets),
