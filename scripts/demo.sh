@@ -31,5 +31,13 @@ echo "== 4/4 verify the repaired model"
 $SEFTKIT verify "$RUN/repaired" --sparsity 0.7 --plot "$RUN/verify-repaired.png" --json "$RUN/verify-repaired.json"
 stage
 
-echo "main job: $((SECONDS - START)) s on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+# the instruction set decides both the speed and the last digits of the numbers, so name it with the time
+FLAGS=$(grep -m1 '^flags' /proc/cpuinfo || true)
+case "$FLAGS" in
+  *avx512_bf16*) ISA="AVX-512 BF16" ;;
+  *avx512f*) ISA="AVX-512" ;;
+  *avx2*) ISA="AVX2" ;;
+  *) ISA="no AVX2" ;;
+esac
+echo "main job: $((SECONDS - START)) s on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($ISA), $(nproc) cores"
 echo "reports in $RUN/*.json, pictures in $RUN/*.png; models in $RUN/pruned and $RUN/repaired"
