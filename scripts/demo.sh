@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled default model, offline: prune SmolLM2-135M to 70% with Wanda, verify it,
 # repair it with SEFT on bundled text (LAMBADA passages, train split), verify again, and print held-out
-# perplexity before and after (the first 16 windows of 512 tokens of the held-out passages).
+# perplexity before and after (the first 8 windows of 512 tokens of the held-out passages).
 # Usage: scripts/demo.sh [RUN_DIR]   (run through `make demo`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ stage
 echo "== 3/4 repair with SEFT (sparsity kept, pruned weights may come back where they matter)"
 $SEFTKIT repair "$RUN/pruned" --method seft --steps 40 --batch-size 2 --seqlen 128 --lr 3e-3 \
     --warmup-steps 4 --max-grad-norm 1 --update-interval 10 --drop-rate 0.5 \
-    --eval-ppl olmo:lambada:heldout --eval-windows 16 --out "$RUN/repaired" --overwrite --json "$RUN/repair.json"
+    --eval-ppl olmo:lambada:heldout --eval-windows 8 --out "$RUN/repaired" --overwrite --json "$RUN/repair.json"
 stage
 
 echo "== 4/4 verify the repaired model"
