@@ -1,6 +1,7 @@
 """The repair bench's printed comparison: per method its chosen run, the spread over seeds and the paired
 difference to SEFT. Text mode reports held-out perplexity and memory; task mode micro/macro accuracy, every
-task's accuracy beside chance, and the paired bootstrap interval over the held-out questions.
+task's accuracy beside chance, each method's gain over the pruned model and its paired difference to SEFT, both
+with a paired bootstrap interval over the held-out questions.
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ def format_task_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str
     tasks = list(pruned["acc"])
     skilled = above_chance(dense, tasks)
     return "\n".join([*format_task_sweep(sweep, select), "", *format_task_table(dense, pruned, best, tasks, seed),
-                      *format_task_seeds(best, tasks, seed), *format_paired(best, tasks, seed),
+                      *format_task_seeds(best, tasks, seed),
+                      *format_gain_over_pruned(dense, pruned, best, {"all tasks": tasks, "dense above chance": skilled},
+                                               seed),
+                      *format_paired(best, tasks, seed),
                       *(format_paired(best, skilled, seed, "only the tasks the dense model answers above chance ("
                                       + ", ".join(skilled) + ")") if skilled and skilled != tasks else []),
                       *format_chance_margins(dense, pruned, best, tasks, seed)])
@@ -239,6 +243,25 @@ def format_paired(best: dict[str, dict | None], tasks: list[str], seed: int, sub
                    else "no difference at 95%")
         lines.append(f"  {name:<16}{paired['diff']:+.4f}  [{paired['low']:+.4f}, {paired['high']:+.4f}]  "
                      f"seeds {','.join(map(str, paired['seeds']))}  {verdict}")
+    return lines
+
+
+def format_gain_over_pruned(dense: dict, pruned: dict, best: dict[str, dict | None], subsets: dict[str, list[str]],
+                            seed: int) -> list[str]:
+    """Each method minus the pruned model in micro accuracy, question by question with the paired bootstrap
+    interval, per subset of tasks; the dense model's row is the gap a repair could close. The pruned model is
+    deterministic, so it pairs with every seed of a method."""
+    subsets = {name: tasks for name, tasks in subsets.items() if tasks}
+    lines = ["", "gain over the pruned model in held-out micro accuracy (the same paired bootstrap; * the 95% interval "
+             "excludes 0):", f"  {'':<16}" + "".join(f"{name:>33}" for name in subsets)]
+    for name, runs in {"dense": {seed: dense}, **{m: seed_runs(r, seed) for m, r in best.items() if r}}.items():
+        cells = []
+        for tasks in subsets.values():
+            gain = paired_bootstrap({s: pruned for s in runs}, runs, tasks)
+            cells.append(f"{'no per-question outcomes':>33}" if gain is None else
+                         f"{gain['diff']:>+13.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+                         + ("*" if gain["low"] > 0 or gain["high"] < 0 else " "))
+        lines.append(f"  {name:<16}" + "".join(cells))
     return lines
 
 

@@ -228,6 +228,27 @@ def test_paired_intervals_are_repeated_on_the_tasks_the_dense_model_answers_abov
     assert "+0.0000" in blocks[1] and "no difference at 95%" in blocks[1]
 
 
+def test_gain_over_the_pruned_model_pairs_every_seed_with_the_pruned_outcomes_per_subset():
+    from seftkit.bench.repair_compare_table import format_task_report
+
+    pruned = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})
+    dense = _task_run({"boolq": "10" * 20, "piqa": "1" * 36 + "0" * 4})  # skill on piqa only
+    same = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})
+    seft = _task_run({"boolq": "1" * 40, "piqa": "1" * 20 + "0" * 20},
+                     seeds=[{"seed": 1, **_task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})}])
+    text = format_task_report(dense, pruned, {"seft": [seft], "masked-lora": [same]}, seed=0)
+    block = text.split("gain over the pruned model")[1].split("\n\n")[0].splitlines()
+    assert block[1].split() == ["all", "tasks", "dense", "above", "chance"]
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in block[2:]}
+    assert list(rows) == ["dense", "seft", "masked-lora"]
+    dense_cells = rows["dense"].split()  # boolq 20 against 0 of 40, piqa 36 against 20 of 40
+    assert (dense_cells[0], dense_cells[3]) == ("+0.4500", "+0.4000")
+    assert dense_cells[2].endswith("]*") and dense_cells[5].endswith("]*")
+    assert rows["seft"].split()[:3] == ["+0.2500", "[+0.2500,", "+0.2500]*"]  # boolq +1 at seed 0, 0 at seed 1
+    assert rows["seft"].split()[3:] == ["+0.0000", "[+0.0000,", "+0.0000]"]
+    assert rows["masked-lora"].split() == ["+0.0000", "[+0.0000,", "+0.0000]"] * 2
+
+
 def test_combine_merges_parts_by_learning_rate_and_seed(tmp_path):
     from seftkit.bench.repair_compare_results import combined_results
 
