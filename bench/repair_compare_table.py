@@ -142,13 +142,12 @@ def format_task_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str
     best = {method: pick_best(runs, select) for method, runs in sweep.items()}
     tasks = list(pruned["acc"])
     skilled = above_chance(dense, tasks)
+    subsets = {"all tasks": tasks, **({"dense above chance": skilled} if skilled and skilled != tasks else {})}
     return "\n".join([*format_task_sweep(sweep, select), "", *format_task_table(dense, pruned, best, tasks, seed),
                       *format_task_seeds(best, tasks, seed),
-                      *format_gain_over_pruned(dense, pruned, best, {"all tasks": tasks, "dense above chance": skilled},
-                                               seed),
-                      *format_paired(best, tasks, seed),
+                      *format_gain_over_pruned(dense, pruned, best, subsets, seed), *format_paired(best, tasks, seed),
                       *(format_paired(best, skilled, seed, "only the tasks the dense model answers above chance ("
-                                      + ", ".join(skilled) + ")") if skilled and skilled != tasks else []),
+                                      + ", ".join(skilled) + ")") if len(subsets) > 1 else []),
                       *format_chance_margins(dense, pruned, best, tasks, seed)])
 
 
@@ -251,7 +250,6 @@ def format_gain_over_pruned(dense: dict, pruned: dict, best: dict[str, dict | No
     """Each method minus the pruned model in micro accuracy, question by question with the paired bootstrap
     interval, per subset of tasks; the dense model's row is the gap a repair could close. The pruned model is
     deterministic, so it pairs with every seed of a method."""
-    subsets = {name: tasks for name, tasks in subsets.items() if tasks}
     lines = ["", "gain over the pruned model in held-out micro accuracy (the same paired bootstrap; * the 95% interval "
              "excludes 0):", f"  {'':<16}" + "".join(f"{name:>33}" for name in subsets)]
     for name, runs in {"dense": {seed: dense}, **{m: seed_runs(r, seed) for m, r in best.items() if r}}.items():

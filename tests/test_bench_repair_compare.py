@@ -210,6 +210,8 @@ def test_task_report_gives_seed_spread_paired_intervals_and_chance_margins():
     paired = next(line for line in text.splitlines() if line.startswith("  masked-lora") and "seeds 0,1" in line)
     assert "+0.8750  [+0.8" in paired and ", +0.9" in paired and "seft better" in paired
     assert "paired bootstrap over the questions" in text and "2000 resamples" in text
+    gain = text.split("gain over the pruned model")[1].splitlines()
+    assert gain[1].split() == ["all", "tasks"]  # the dense model is above chance on both: one subset, one column
     margins = text.splitlines()[-3:]
     assert margins[0].split()[:2] == ["pruned", "-0.500"] and "+0.500*" in margins[1]
 
