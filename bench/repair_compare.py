@@ -35,7 +35,8 @@ moment it finishes (a sweep that dies keeps its finished runs: ``--reuse`` it to
 knob), so new knobs need no bench change.
 
 Task adaptation after pruning (issue 15's protocol), one command per part; each can also run a method at a
-time (``--methods``, own ``--json``, ``--reuse`` the first part for its dense/pruned runs) and ``--combine``::
+time (``--methods``, or one ``--lrs`` rate with ``--score-val``; own ``--json``, ``--reuse`` the first part for its
+dense/pruned runs) and ``--combine``::
 
     C="--data olmo:commonsense8 --max-per-task 1000 --steps 120 --batch-size 8 --seqlen 128 --warmup-steps 12
        --max-grad-norm 1.0 --lora-rank-equivalent 8 --calib-samples 32 --extra-seeds 1,2 --no-memory"
@@ -238,6 +239,8 @@ def main() -> None:
                         "task mode: all]")
     parser.add_argument("--val-limit", type=int, default=100, help="task mode: val questions per task that pick "
                         "the learning rate (0 for all)")
+    parser.add_argument("--score-val", action="store_true", help="task mode: score the val questions even with a "
+                        "single --lrs rate, so that a sweep run a rate per process picks its rate when --combine'd")
     parser.add_argument("--select", choices=("acc", "loglik"), default="acc",
                         help="task mode: pick the lr by val micro accuracy or by the gold answer's log-likelihood")
     parser.add_argument("--eval-batch-size", type=int, default=8, help="task mode: questions per forward pass")
@@ -291,7 +294,8 @@ def main() -> None:
     seft_code = code if all(earlier.get("args", {}).get(k) == str(getattr(args, k)) for k in SEFT_SETTINGS) else None
     out = args.json or args.workdir / f"repair_compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"results are saved to {out} as each run finishes", file=sys.stderr, flush=True)
-    evaluation, reference = evaluation_job(args, selects=len(lrs) > 1), evaluation_job(args, selects=False)
+    evaluation = evaluation_job(args, selects=len(lrs) > 1 or args.score_val)
+    reference = evaluation_job(args, selects=False)
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir, args.prune_method)
     sweep: dict[str, list[dict[str, Any]]] = {}
     dense = earlier.get("dense") or run_job({"model": args.model, **reference})

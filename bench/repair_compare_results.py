@@ -24,7 +24,7 @@ ADDED_SETTINGS = {"warmup_steps": "0", "max_grad_norm": "None", "data": "olmo:la
                   "val_limit": "None", "prune_method": "wanda", "device": "cpu"}
 """Shared settings newer than some earlier results: a result without one was run at this value."""
 COMBINE_FREE = ("methods", "lrs", "extra_seeds", "json", "reuse", "workdir", "worker", "result", "combine",
-                "no_memory", "eval_batch_size")
+                "no_memory", "eval_batch_size", "score_val")
 """Arguments that may differ between the saved results ``--combine`` prints as one comparison."""
 PAIRED_REFERENCE = "seft"
 """Every method is compared with SEFT seed by seed: a seed fixes the data order for every method, so the paired

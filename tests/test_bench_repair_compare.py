@@ -321,3 +321,29 @@ def test_one_learning_rate_scores_no_val_questions_and_still_reports(tmp_path, m
     assert len(calls) == 4 and not any("val_tasks" in job for job in calls)
     out = capsys.readouterr().out
     assert "one learning rate per method (no sweep)" in out and "paired difference in held-out micro accuracy" in out
+
+
+def test_a_sweep_run_a_rate_per_process_scores_val_and_picks_its_rate_when_combined(tmp_path, monkeypatch):
+    from seftkit.bench import repair_compare
+    from seftkit.bench.repair_compare_results import combined_results, pick_best
+
+    calls = []
+    outcomes = {"boolq": "10" * 10, "piqa": "1100" * 5}
+
+    def fake_run(job, env=None):
+        calls.append(job)
+        lr = job.get("config", {}).get("lr", 0.0)
+        return {k: v for k, v in _task_run(outcomes, val_acc=0.6 if lr == 3e-3 else 0.4).items() if k != "lr"}
+
+    monkeypatch.setattr(repair_compare, "run_job", fake_run)
+    monkeypatch.setattr(repair_compare, "ensure_pruned", lambda *a: tmp_path / "pruned")
+    for lr in ("1e-3", "3e-3"):
+        monkeypatch.setattr("sys.argv", ["repair_compare", "--data", "olmo:boolq+piqa", "--methods", "seft",
+                                         "--lrs", lr, "--score-val", "--max-per-task", "10", "--no-memory",
+                                         "--json", str(tmp_path / f"{lr}.json")])
+        repair_compare.main()
+    dense, pruned, seft = (False, False), (False, False), (True, True)  # (scores val, trains)
+    assert [("val_tasks" in job, "config" in job) for job in calls] == [dense, pruned, seft] * 2
+    merged = combined_results([tmp_path / "1e-3.json", tmp_path / "3e-3.json"])
+    assert [r["lr"] for r in merged["sweep"]["seft"]] == [1e-3, 3e-3]
+    assert pick_best(merged["sweep"]["seft"])["lr"] == 3e-3
