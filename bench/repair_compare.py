@@ -305,7 +305,7 @@ def main() -> None:
     for method in methods:
         for lr in lrs:
             config = repair_config(args, method, lr, args.steps)
-            run = reused_run(earlier, method, lr, seft_code) or {
+            run = reused_run(earlier, method, lr, seft_code, needs_val="val_tasks" in evaluation) or {
                 "lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             save_results(out, args, dense, pruned, sweep)

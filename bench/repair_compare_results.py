@@ -73,11 +73,13 @@ def may_reuse(method: str, run: dict[str, Any], code: str | None) -> bool:
     return "error" not in run and (method in baseline_methods() or (code is not None and run.get("code") == code))
 
 
-def reused_run(earlier: dict[str, Any], method: str, lr: float, code: str | None = None) -> dict[str, Any] | None:
+def reused_run(earlier: dict[str, Any], method: str, lr: float, code: str | None = None, needs_val: bool = False
+               ) -> dict[str, Any] | None:
     """A run at ``lr`` from the earlier result (its memory run and extra seeds dropped: memory is measured anew,
-    seeds are looked up one by one with :func:`reused_seed_run`)."""
+    seeds are looked up one by one with :func:`reused_seed_run`); with ``needs_val`` (a sweep that picks its rate)
+    only one that was scored on val."""
     for run in earlier.get("sweep", {}).get(method, []):
-        if run["lr"] == lr and may_reuse(method, run, code):
+        if run["lr"] == lr and may_reuse(method, run, code) and (scored_on_val(run) or not needs_val):
             return {**{k: v for k, v in run.items() if k not in ("memory", "seeds")}, "reused": True}
     return None
 
@@ -135,6 +137,11 @@ def combined_results(paths: list[Path]) -> dict[str, Any]:
             raise ValueError(f"--combine {path}: its settings differ from {paths[0]}'s in {', '.join(differing)}")
         for method, runs in result["sweep"].items():
             _merge_runs(method, sweep.setdefault(method, []), json.loads(json.dumps(runs)), path)
+    for method, runs in sweep.items():
+        unscored = [f"{r['lr']:g}" for r in runs if "error" not in r and not scored_on_val(r)]
+        if unscored and len(runs) > 1:
+            raise ValueError(f"--combine: {method} has runs at {len(runs)} rates but those at {', '.join(unscored)} "
+                             "were not scored on val, so no rate can be picked (run a rate alone with --score-val)")
     dense = next((r["dense"] for r in results if r.get("dense")), None)
     pruned = next((r["pruned"] for r in results if r.get("pruned")), None)
     return {"args": first["args"], "dense": dense, "pruned": pruned, "sweep": sweep}
@@ -149,6 +156,10 @@ def selection_key(run: dict[str, Any], select: str) -> tuple[float, ...]:
     if select == "loglik":
         return (run["val_gold_loglik"],)
     return run["val_acc"], run["val_gold_loglik"]
+
+
+def scored_on_val(run: dict[str, Any]) -> bool:
+    return bool(selection_key(run, "acc"))
 
 
 def pick_best(runs: list[dict[str, Any]], select: str = "acc") -> dict[str, Any] | None:

@@ -171,8 +171,8 @@ def format_task_sweep(sweep: dict[str, list[dict[str, Any]]], select: str) -> li
     if not any("val_acc" in r for runs in sweep.values() for r in runs):
         return ["one learning rate per method (no sweep): nothing scored on val"]
     for name, runs in sweep.items():
-        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else
-                                       f"{r['val_acc']:.4f} [{r['val_gold_loglik']:.3f}]")
+        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else "not scored (one rate)"
+                                       if "val_acc" not in r else f"{r['val_acc']:.4f} [{r['val_gold_loglik']:.3f}]")
                  + (" reused" if r.get("reused") else "") for r in runs]
         lines.append(f"  {name:<16}" + "   ".join(cells))
     return lines

@@ -347,3 +347,39 @@ def test_a_sweep_run_a_rate_per_process_scores_val_and_picks_its_rate_when_combi
     merged = combined_results([tmp_path / "1e-3.json", tmp_path / "3e-3.json"])
     assert [r["lr"] for r in merged["sweep"]["seft"]] == [1e-3, 3e-3]
     assert pick_best(merged["sweep"]["seft"])["lr"] == 3e-3
+
+
+def test_a_rate_not_scored_on_val_is_neither_reused_by_a_sweep_nor_combined_into_one(tmp_path):
+    from seftkit.bench.repair_compare_results import combined_results, reused_run
+
+    outcomes = {"boolq": "10" * 10, "piqa": "1100" * 5}
+    unscored = {k: v for k, v in _task_run(outcomes, lr=3e-3).items() if not k.startswith("val_")}
+    earlier = {"sweep": {"masked-lora": [unscored]}}
+    assert reused_run(earlier, "masked-lora", 3e-3)["test_acc"] == unscored["test_acc"]
+    assert reused_run(earlier, "masked-lora", 3e-3, needs_val=True) is None  # a sweep measures it again
+    args = {k: str(v) for k, v in SETTINGS.items()}
+    for name, run in (("scored.json", _task_run(outcomes, lr=1e-3)), ("alone.json", unscored)):
+        (tmp_path / name).write_text(json.dumps({"args": args, "dense": None, "pruned": None,
+                                                 "sweep": {"masked-lora": [run]}}))
+    assert combined_results([tmp_path / "alone.json"])["sweep"]["masked-lora"] == [unscored]
+    with pytest.raises(ValueError, match="masked-lora has runs at 2 rates but those at 0.003 were not scored on val"):
+        combined_results([tmp_path / "scored.json", tmp_path / "alone.json"])
+
+
+def test_combined_parts_with_and_without_a_val_sweep_print_which_rates_were_not_scored(tmp_path, monkeypatch, capsys):
+    from seftkit.bench import repair_compare
+
+    outcomes = {"boolq": "10" * 10, "piqa": "1100" * 5}
+    pruned = {k: v for k, v in _task_run(outcomes).items() if k not in ("lr", "val_acc", "val_gold_loglik")}
+    args = {k: str(v) for k, v in SETTINGS.items()}
+    parts = {"swept.json": {"masked-lora": [_task_run(outcomes, lr=1e-2)]},
+             "one-rate.json": {"seft": [{k: v for k, v in _task_run(outcomes, lr=3e-3).items()
+                                         if not k.startswith("val_")}]}}
+    for name, sweep in parts.items():
+        (tmp_path / name).write_text(json.dumps({"args": args, "dense": pruned, "pruned": pruned, "sweep": sweep}))
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--combine", f"{tmp_path / 'swept.json'},"
+                                                                     f"{tmp_path / 'one-rate.json'}"])
+    repair_compare.main()
+    sweep_lines = capsys.readouterr().out.split("\n\n")[0]
+    assert "masked-lora     1e-02: 0.5000 [-1.000]" in sweep_lines
+    assert "seft            3e-03: not scored (one rate)" in sweep_lines
