@@ -294,7 +294,8 @@ def main() -> None:
     seft_code = code if all(earlier.get("args", {}).get(k) == str(getattr(args, k)) for k in SEFT_SETTINGS) else None
     out = args.json or args.workdir / f"repair_compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"results are saved to {out} as each run finishes", file=sys.stderr, flush=True)
-    evaluation = evaluation_job(args, selects=len(lrs) > 1 or args.score_val)
+    selects = len(lrs) > 1 or args.score_val
+    evaluation = evaluation_job(args, selects=selects)
     reference = evaluation_job(args, selects=False)
     pruned_dir = ensure_pruned(args.model, args.sparsity, args.calib_samples, args.workdir, args.prune_method)
     sweep: dict[str, list[dict[str, Any]]] = {}
@@ -305,7 +306,7 @@ def main() -> None:
     for method in methods:
         for lr in lrs:
             config = repair_config(args, method, lr, args.steps)
-            run = reused_run(earlier, method, lr, seft_code, needs_val="val_tasks" in evaluation) or {
+            run = reused_run(earlier, method, lr, seft_code, needs_val=selects) or {
                 "lr": lr, **run_job({"model": str(pruned_dir), "config": dataclasses.asdict(config), **evaluation})}
             sweep.setdefault(method, []).append(run)
             save_results(out, args, dense, pruned, sweep)

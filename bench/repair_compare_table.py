@@ -15,6 +15,7 @@ from seftkit.bench.repair_compare_results import (
     mean_sd,
     paired_bootstrap,
     pick_best,
+    scored_on_val,
     seed_runs,
 )
 
@@ -168,14 +169,20 @@ def format_task_sweep(sweep: dict[str, list[dict[str, Any]]], select: str) -> li
             else "the highest accuracy (log-likelihood breaks ties)")
     lines = [f"learning-rate sweep (val micro accuracy [gold-answer log-likelihood] on the val questions carved "
              f"from each task's train split, never trained on; {rule} is used):"]
-    if not any("val_acc" in r for runs in sweep.values() for r in runs):
+    if not any(scored_on_val(r) for runs in sweep.values() for r in runs):
         return ["one learning rate per method (no sweep): nothing scored on val"]
     for name, runs in sweep.items():
-        cells = [f"{r['lr']:.0e}: " + (r["error"][:40] if "error" in r else "not scored (one rate)"
-                                       if "val_acc" not in r else f"{r['val_acc']:.4f} [{r['val_gold_loglik']:.3f}]")
-                 + (" reused" if r.get("reused") else "") for r in runs]
+        cells = [f"{r['lr']:.0e}: {_val_cell(r)}" + (" reused" if r.get("reused") else "") for r in runs]
         lines.append(f"  {name:<16}" + "   ".join(cells))
     return lines
+
+
+def _val_cell(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return run["error"][:40]
+    if not scored_on_val(run):
+        return "not scored (one rate)"
+    return f"{run['val_acc']:.4f} [{run['val_gold_loglik']:.3f}]"
 
 
 def _task_cells(run: dict[str, Any], tasks: list[str]) -> str:
