@@ -54,7 +54,9 @@ from one another.
 masked-lora, static: nothing of SEFT's code or settings reaches them) from an earlier ``--json`` whose shared
 settings (model, pruning, data, steps, batch, budget, evaluation, seed) are identical, and marks them
 "reused" (their extra-seed runs too); SEFT's runs only when they were made by the same library code and the
-SEFT settings are the same too (a sweep that died, restarted); every memory run is measured anew.
+SEFT settings are the same too (a sweep that died, restarted); every memory run is measured anew. From an
+earlier result that differs only in pruning or training (another sparsity or pruner) it takes the dense
+evaluation alone.
 """
 
 from __future__ import annotations
@@ -252,7 +254,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="every run's numbers, saved as each run finishes "
                         "[default: <workdir>/repair_compare-<time>.json]")
     parser.add_argument("--reuse", type=Path, help="an earlier --json: reuse its dense/pruned and baseline runs "
-                        "(and SEFT runs made by the same code and SEFT settings)")
+                        "(and SEFT runs made by the same code and SEFT settings); only its dense scores when it "
+                        "differs in pruning or training")
     parser.add_argument("--combine", help="comma-separated --json results of one protocol, run in parts (e.g. a "
                         "method at a time): print them as one comparison and run nothing")
     add_worker_options(parser)

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ SHARED_SETTINGS = ("model", "sparsity", "calib_samples", "steps", "batch_size", 
                    "warmup_steps", "max_grad_norm", "gradient_checkpointing", "eval_seqlen", "eval_windows",
                    "eval_tasks", "eval_limit", "seed", "data", "max_per_task", "val_limit", "prune_method", "device")
 """Everything a baseline's numbers depend on (the SEFT knobs are not among them)."""
+DENSE_SETTINGS = ("model", "eval_seqlen", "eval_windows", "eval_tasks", "eval_limit", "data", "device")
+"""What the dense model's scores depend on: a part at another sparsity or pruner reuses them."""
 ADDED_SETTINGS = {"warmup_steps": "0", "max_grad_norm": "None", "data": "olmo:lambada:train", "max_per_task": "None",
                   "val_limit": "None", "prune_method": "wanda", "device": "cpu"}
 """Shared settings newer than some earlier results: a result without one was run at this value."""
@@ -54,16 +57,21 @@ def read_result(path: Path, flag: str) -> dict[str, Any]:
 
 
 def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    """The earlier result at ``path`` when its shared settings equal ``args``', or {} without a path; ValueError
-    (one line) for an unreadable file or other settings."""
+    """The earlier result at ``path`` when its shared settings equal ``args``'; only its dense scores when just
+    the pruning or training settings differ; {} without a path. ValueError (one line) for an unreadable file or
+    other settings."""
     if path is None:
         return {}
     earlier = read_result(path, "--reuse")
     recorded = earlier["args"]
     differing = [key for key in SHARED_SETTINGS
                  if recorded.get(key, ADDED_SETTINGS.get(key)) != str(getattr(args, key))]
-    if differing:
+    if differing and (earlier.get("dense") is None or any(key in DENSE_SETTINGS for key in differing)):
         raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
+    if differing:
+        print(f"--reuse {path}: its settings differ in {', '.join(differing)}; only the dense model's scores are "
+              "reused", file=sys.stderr, flush=True)
+        return {"dense": earlier["dense"]}
     return earlier
 
 

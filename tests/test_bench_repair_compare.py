@@ -1,4 +1,5 @@
-"""The repair bench's --reuse: only baselines, only from an earlier run with the same shared settings."""
+"""The repair bench's --reuse: only baselines, only from an earlier run with the same shared settings (the dense
+scores alone from one that differs in pruning or training)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def test_reuses_baseline_runs_without_their_memory_and_never_seft(tmp_path):
     assert reused_run(earlier, "static", 0.001) is None  # a failed run is measured again
 
 
-def test_refuses_an_earlier_run_with_other_shared_settings(tmp_path):
-    with pytest.raises(ValueError, match="differ in steps, seed"):
-        reusable_runs(_earlier(tmp_path, steps=40, seed=1), argparse.Namespace(**SETTINGS))
+def test_refuses_an_earlier_run_whose_dense_scores_differ(tmp_path):
+    with pytest.raises(ValueError, match="differ in steps, eval_limit, seed; nothing can be reused"):
+        reusable_runs(_earlier(tmp_path, steps=40, eval_limit=100, seed=1), argparse.Namespace(**SETTINGS))
     assert reusable_runs(None, argparse.Namespace(**SETTINGS)) == {}
     with pytest.raises(ValueError, match="not a readable"):
         reusable_runs(tmp_path / "missing.json", argparse.Namespace(**SETTINGS))
@@ -51,8 +52,17 @@ def test_results_from_before_warmup_and_clipping_were_shared_count_as_run_withou
         del recorded["args"][key]
     path.write_text(json.dumps(recorded))
     assert reusable_runs(path, argparse.Namespace(**SETTINGS))["dense"] == {"test_ppl": 42.0}
-    with pytest.raises(ValueError, match="differ in warmup_steps, max_grad_norm"):
-        reusable_runs(path, argparse.Namespace(**{**SETTINGS, "warmup_steps": 10, "max_grad_norm": 1.0}))
+    with pytest.raises(ValueError, match="differ in warmup_steps, max_grad_norm, eval_limit"):
+        reusable_runs(path, argparse.Namespace(**{**SETTINGS, "warmup_steps": 10, "max_grad_norm": 1.0,
+                                                  "eval_limit": 100}))
+
+
+def test_another_pruning_or_training_reuses_only_the_dense_scores(tmp_path, capsys):
+    args = argparse.Namespace(**{**SETTINGS, "sparsity": 0.5, "prune_method": "magnitude", "steps": 40})
+    earlier = reusable_runs(_earlier(tmp_path), args)
+    assert earlier == {"dense": {"test_ppl": 42.0}}
+    assert reused_run(earlier, "masked-lora", 0.003) is None
+    assert "differ in sparsity, steps, prune_method; only the dense model's scores" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flags", "message"), [
