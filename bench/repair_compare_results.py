@@ -146,10 +146,12 @@ def combined_results(paths: list[Path]) -> dict[str, Any]:
         for method, runs in result["sweep"].items():
             _merge_runs(method, sweep.setdefault(method, []), json.loads(json.dumps(runs)), path)
     for method, runs in sweep.items():
-        unscored = [f"{r['lr']:g}" for r in runs if "error" not in r and not scored_on_val(r)]
-        if unscored and len(runs) > 1:
-            raise ValueError(f"--combine: {method} has runs at {len(runs)} rates but those at {', '.join(unscored)} "
-                             "were not scored on val, so no rate can be picked (run a rate alone with --score-val)")
+        finished = [r for r in runs if "error" not in r]  # a failed rate is never picked: it needs no val score
+        unscored = [f"{r['lr']:g}" for r in finished if not scored_on_val(r)]
+        if unscored and len(finished) > 1:
+            raise ValueError(f"--combine: {method} has runs at {len(finished)} rates but those at "
+                             f"{', '.join(unscored)} were not scored on val, so no rate can be picked (run a rate "
+                             "alone with --score-val)")
     dense = next((r["dense"] for r in results if r.get("dense")), None)
     pruned = next((r["pruned"] for r in results if r.get("pruned")), None)
     return {"args": first["args"], "dense": dense, "pruned": pruned, "sweep": sweep}

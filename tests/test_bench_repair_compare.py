@@ -360,7 +360,7 @@ def test_a_sweep_run_a_rate_per_process_scores_val_and_picks_its_rate_when_combi
 
 
 def test_a_rate_not_scored_on_val_is_neither_reused_by_a_sweep_nor_combined_into_one(tmp_path):
-    from seftkit.bench.repair_compare_results import combined_results, reused_run
+    from seftkit.bench.repair_compare_results import combined_results, pick_best, reused_run
 
     outcomes = {"boolq": "10" * 10, "piqa": "1100" * 5}
     unscored = {k: v for k, v in _task_run(outcomes, lr=3e-3).items() if not k.startswith("val_")}
@@ -374,6 +374,12 @@ def test_a_rate_not_scored_on_val_is_neither_reused_by_a_sweep_nor_combined_into
     assert combined_results([tmp_path / "alone.json"])["sweep"]["masked-lora"] == [unscored]
     with pytest.raises(ValueError, match="masked-lora has runs at 2 rates but those at 0.003 were not scored on val"):
         combined_results([tmp_path / "scored.json", tmp_path / "alone.json"])
+    (tmp_path / "failed.json").write_text(json.dumps({"args": args, "dense": None, "pruned": None, "sweep": {
+        "masked-lora": [{"lr": 1e-2, "error": "loss is nan"}]}}))
+    merged = combined_results([tmp_path / "failed.json", tmp_path / "alone.json"])  # one rate finished: no choice
+    assert pick_best(merged["sweep"]["masked-lora"]) == unscored
+    with pytest.raises(ValueError, match="masked-lora has runs at 2 rates but those at 0.003 were not"):
+        combined_results([tmp_path / "failed.json", tmp_path / "scored.json", tmp_path / "alone.json"])
 
 
 def test_combined_parts_with_and_without_a_val_sweep_print_which_rates_were_not_scored(tmp_path, monkeypatch, capsys):
