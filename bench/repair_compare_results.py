@@ -66,13 +66,13 @@ def reusable_runs(path: Path | None, args: argparse.Namespace) -> dict[str, Any]
     recorded = earlier["args"]
     differing = [key for key in SHARED_SETTINGS
                  if recorded.get(key, ADDED_SETTINGS.get(key)) != str(getattr(args, key))]
-    if differing and (earlier.get("dense") is None or any(key in DENSE_SETTINGS for key in differing)):
-        raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differing)}; nothing can be reused")
-    if differing:
-        print(f"--reuse {path}: its settings differ in {', '.join(differing)}; only the dense model's scores are "
-              "reused", file=sys.stderr, flush=True)
-        return {"dense": earlier["dense"]}
-    return earlier
+    if not differing:
+        return earlier
+    why = f"--reuse {path}: its settings differ in {', '.join(differing)}"
+    if earlier.get("dense") is None or any(key in DENSE_SETTINGS for key in differing):
+        raise ValueError(f"{why}; nothing can be reused")
+    print(f"{why}; only the dense model's scores are reused", file=sys.stderr, flush=True)
+    return {"dense": earlier["dense"]}
 
 
 def may_reuse(method: str, run: dict[str, Any], code: str | None) -> bool:
