@@ -32,7 +32,9 @@ Protocol (every number comes from this one run):
 A diverged run (NaN loss) is listed in the sweep and loses the selection. Every run is saved to ``--json`` the
 moment it finishes (a sweep that dies keeps its finished runs: ``--reuse`` it to go on, ``--combine`` to print).
 ``--seft-option KEY=VALUE`` sets any other RepairConfig field for the SEFT methods only (e.g. a new evolution
-knob), so new knobs need no bench change.
+knob), so new knobs need no bench change; ``--combine`` a file run with other SEFT settings (options, update
+interval, drop rate, init) after the defaults' file and its SEFT methods become variants (``seft v1``) that pair
+with the first file's ``seft``.
 
 Task adaptation after pruning (issue 15's protocol), one command per part; each can also run a method at a
 time (``--methods``, or one ``--lrs`` rate with ``--score-val``; own ``--json``, ``--reuse`` the first part for its
@@ -71,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from seftkit.bench.repair_compare_results import (
+    SEFT_SETTINGS,
     combined_results,
     pick_best,
     reusable_runs,
@@ -97,8 +100,6 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """For the memory runs: glibc otherwise raises its mmap threshold after the first freed multi-MB tensor and keeps
 later ones in the heap, which inflates every method's RSS high-water mark by up to ~1 GB of freed temporaries
 on this model (and by different amounts for different methods)."""
-SEFT_SETTINGS = ("update_interval", "accumulation_steps", "drop_rate", "init", "seft_option")
-"""The bench's SEFT-only settings: a saved SEFT run is reused only when they are the same."""
 
 
 def parse_seft_options(options: list[str]) -> dict[str, Any]:
@@ -201,6 +202,8 @@ def summary(run: dict[str, Any]) -> str:
 def print_combined(paths: list[Path]) -> None:
     saved = combined_results(paths)
     args = saved["args"]
+    for tag, changed in saved["variants"].items():
+        print(f"SEFT {tag}: {changed} (the SEFT settings of {paths[0]} otherwise)")
     if is_task_result(saved["pruned"]):
         print(format_task_report(saved["dense"], saved["pruned"], saved["sweep"], int(args["seed"]),
                                  args.get("select", "acc")))
@@ -257,7 +260,8 @@ def main() -> None:
                         "(and SEFT runs made by the same code and SEFT settings); only its dense scores when it "
                         "differs in pruning or training")
     parser.add_argument("--combine", help="comma-separated --json results of one protocol, run in parts (e.g. a "
-                        "method at a time): print them as one comparison and run nothing")
+                        "method at a time): print them as one comparison and run nothing; the SEFT methods of a "
+                        "file with other SEFT settings than the first's are shown as variants (seft v1, ...)")
     add_worker_options(parser)
     args = parser.parse_args()
     if serve_worker(args, worker):

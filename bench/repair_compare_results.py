@@ -8,6 +8,7 @@ A result file is ``{"args", "dense", "pruned", "sweep"}``; ``sweep[method]`` lis
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -26,6 +27,9 @@ DENSE_SETTINGS = ("model", "eval_seqlen", "eval_windows", "eval_tasks", "eval_li
 ADDED_SETTINGS = {"warmup_steps": "0", "max_grad_norm": "None", "data": "olmo:lambada:train", "max_per_task": "None",
                   "val_limit": "None", "prune_method": "wanda", "device": "cpu"}
 """Shared settings newer than some earlier results: a result without one was run at this value."""
+SEFT_SETTINGS = ("update_interval", "accumulation_steps", "drop_rate", "init", "seft_option")
+"""The bench's SEFT-only settings: a saved SEFT run is reused only when they are the same, and ``--combine`` shows
+the SEFT methods of a file where they differ as a variant of the first file's."""
 COMBINE_FREE = ("methods", "lrs", "extra_seeds", "json", "reuse", "workdir", "worker", "result", "combine",
                 "no_memory", "eval_batch_size", "score_val")
 """Arguments that may differ between the saved results ``--combine`` prints as one comparison."""
@@ -129,22 +133,40 @@ def _merge_runs(method: str, mine: list[dict[str, Any]], theirs: list[dict[str, 
         mine[index] = {**kept, **({"seeds": sorted(seeds.values(), key=lambda e: e["seed"])} if seeds else {})}
 
 
+def variant_settings(first: dict[str, str], other: dict[str, str]) -> tuple[str, ...]:
+    """``key=value`` for each SEFT setting in which ``other`` differs from ``first`` (the options spelt out)."""
+    changed = []
+    for key in SEFT_SETTINGS:
+        if first.get(key) != other.get(key):
+            value = other.get(key)
+            if key == "seft_option" and value is not None:
+                changed += ast.literal_eval(value) or ["no --seft-option"]
+            else:
+                changed.append(f"{key}={value}")
+    return tuple(changed)
+
+
 def combined_results(paths: list[Path]) -> dict[str, Any]:
     """Saved ``--json`` results of one protocol run in parts (a method, a learning rate or a seed at a time), as
-    one (the first file's dense and pruned runs); ValueError (one line) for unreadable files, other settings,
-    or a run measured in two files."""
+    one (the first file's dense and pruned runs). A file whose SEFT settings differ adds its SEFT methods as
+    variants (``seft v1``: explained in ``"variants"``), so that an evolution option pairs with the first file's
+    SEFT. ValueError (one line) for unreadable files, other settings, or a run measured in two files."""
     if not paths:
         raise ValueError("--combine needs at least one --json result")
     results = [read_result(path, "--combine") for path in paths]
-    first, sweep = results[0], {}
+    first, sweep, variants = results[0], {}, {}
     for path, result in zip(paths, results, strict=True):
-        keys = (set(first["args"]) | set(result["args"])) - set(COMBINE_FREE)
+        keys = (set(first["args"]) | set(result["args"])) - set(COMBINE_FREE) - set(SEFT_SETTINGS)
         differing = sorted(k for k in keys if first["args"].get(k, ADDED_SETTINGS.get(k))
                            != result["args"].get(k, ADDED_SETTINGS.get(k)))
         if differing:
             raise ValueError(f"--combine {path}: its settings differ from {paths[0]}'s in {', '.join(differing)}")
+        changed = variant_settings(first["args"], result["args"])
+        if changed:
+            tag = variants.setdefault(changed, f"v{len(variants) + 1}")
         for method, runs in result["sweep"].items():
-            _merge_runs(method, sweep.setdefault(method, []), json.loads(json.dumps(runs)), path)
+            name = f"{method} {tag}" if changed and method not in baseline_methods() else method
+            _merge_runs(name, sweep.setdefault(name, []), json.loads(json.dumps(runs)), path)
     for method, runs in sweep.items():
         finished = [r for r in runs if "error" not in r]  # a failed rate is never picked: it needs no val score
         unscored = [f"{r['lr']:g}" for r in finished if not scored_on_val(r)]
@@ -154,7 +176,8 @@ def combined_results(paths: list[Path]) -> dict[str, Any]:
                              "alone with --score-val)")
     dense = next((r["dense"] for r in results if r.get("dense")), None)
     pruned = next((r["pruned"] for r in results if r.get("pruned")), None)
-    return {"args": first["args"], "dense": dense, "pruned": pruned, "sweep": sweep}
+    return {"args": first["args"], "dense": dense, "pruned": pruned, "sweep": sweep,
+            "variants": {tag: ", ".join(changed) for changed, tag in variants.items()}}
 
 
 def selection_key(run: dict[str, Any], select: str) -> tuple[float, ...]:

@@ -145,14 +145,52 @@ def test_combine_prints_parts_of_one_protocol_as_one_comparison(tmp_path, monkey
 
     with pytest.raises(ValueError, match=r"seft \(lr 0.003\) is in two of the files"):
         combined_results([tmp_path / "b.json", tmp_path / "c.json"])
-    other = {**base, "args": {**base["args"], "update_interval": "20"}, "sweep": {}}
+    other = {**base, "args": {**base["args"], "steps": "40"}, "sweep": {}}
     (tmp_path / "d.json").write_text(json.dumps(other))
-    with pytest.raises(ValueError, match="differ from .*a.json's in update_interval"):
+    with pytest.raises(ValueError, match="differ from .*a.json's in steps"):
         combined_results([tmp_path / "a.json", tmp_path / "d.json"])
     with pytest.raises(ValueError, match="not a readable"):
         combined_results([tmp_path / "a.json", tmp_path / "missing.json"])
     with pytest.raises(ValueError, match="needs at least one"):
         combined_results([])
+
+
+def test_combine_shows_the_seft_methods_of_a_file_with_other_seft_settings_as_a_variant(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from seftkit.bench import repair_compare
+    from seftkit.bench.repair_compare_results import combined_results
+
+    args = {**{k: str(v) for k, v in SETTINGS.items()}, "update_interval": "10", "drop_rate": "0.5",
+            "seft_option": "[]"}
+    run = {"lr": 0.001, "val_ppl": 95.0, "test_ppl": 92.0, "trainable": 10, "step_time_s": 2.0}
+    files = {"default.json": ({}, {"seft": [run], "masked-lora": [run]}),
+             "row.json": ({"seft_option": "['eviction=row']"}, {"seft": [{**run, "test_ppl": 90.0}],
+                                                                "seft-no-revive": [run]}),
+             "row-seed1.json": ({"seft_option": "['eviction=row']"}, {"seft": [{**run, "lr": 0.003}]}),
+             "sched.json": ({"update_interval": "20", "drop_rate": "0.2"}, {"seft": [run]}),
+             "sched-mlora.json": ({"update_interval": "20", "drop_rate": "0.2"}, {"masked-lora": [run]})}
+    for name, (changed, sweep) in files.items():
+        (tmp_path / name).write_text(json.dumps({"args": {**args, **changed}, "dense": None, "pruned": None,
+                                                 "sweep": sweep}))
+    merged = combined_results([tmp_path / name for name in list(files)[:-1]])
+    assert merged["variants"] == {"v1": "eviction=row", "v2": "update_interval=20, drop_rate=0.2"}
+    assert [r["lr"] for r in merged["sweep"]["seft v1"]] == [0.001, 0.003]  # the same variant merges
+    assert set(merged["sweep"]) == {"seft", "masked-lora", "seft v1", "seft-no-revive v1", "seft v2"}
+    with pytest.raises(ValueError, match=r"masked-lora \(lr 0.001\) is in two"):  # a baseline has no variants
+        combined_results([tmp_path / "default.json", tmp_path / "sched-mlora.json"])
+    reversed_ = combined_results([tmp_path / "row.json", tmp_path / "default.json"])
+    assert reversed_["variants"] == {"v1": "no --seft-option"}
+
+    (tmp_path / "sched.json").write_text(json.dumps({"args": {**args, "update_interval": "20", "drop_rate": "0.2"},
+                                                     "dense": {"test_ppl": 40.0}, "pruned": {"test_ppl": 790.0},
+                                                     "sweep": {"seft": [run]}}))
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--combine", f"{tmp_path / 'default.json'},"
+                                     f"{tmp_path / 'sched.json'}"])
+    repair_compare.main()
+    out = capsys.readouterr().out
+    assert out.startswith(f"SEFT v1: update_interval=20, drop_rate=0.2 (the SEFT settings of "
+                          f"{tmp_path / 'default.json'} otherwise)\n")
+    assert f"{'seft v1':<16}" in out
 
 
 TASKS = ["boolq", "piqa"]
