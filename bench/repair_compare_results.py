@@ -162,10 +162,9 @@ def combined_results(paths: list[Path]) -> dict[str, Any]:
         if differing:
             raise ValueError(f"--combine {path}: its settings differ from {paths[0]}'s in {', '.join(differing)}")
         changed = variant_settings(first["args"], result["args"])
-        if changed:
-            tag = variants.setdefault(changed, f"v{len(variants) + 1}")
+        tag = variants.setdefault(changed, f"v{len(variants) + 1}") if changed else None
         for method, runs in result["sweep"].items():
-            name = f"{method} {tag}" if changed and method not in baseline_methods() else method
+            name = f"{method} {tag}" if tag and method not in baseline_methods() else method
             _merge_runs(name, sweep.setdefault(name, []), json.loads(json.dumps(runs)), path)
     for method, runs in sweep.items():
         finished = [r for r in runs if "error" not in r]  # a failed rate is never picked: it needs no val score
