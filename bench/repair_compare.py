@@ -34,7 +34,8 @@ moment it finishes (a sweep that dies keeps its finished runs: ``--reuse`` it to
 ``--seft-option KEY=VALUE`` sets any other RepairConfig field for the SEFT methods only (e.g. a new evolution
 knob), so new knobs need no bench change; ``--combine`` a file run with other SEFT settings (options, update
 interval, drop rate, init) after the defaults' file and its SEFT methods become variants (``seft v1``) that pair
-with the first file's ``seft``.
+with the first file's ``seft``. ``--combine ... --plot P.png`` also draws a task-mode comparison: each method's
+gain over the pruned model with its interval, and every task's accuracy above chance.
 
 Task adaptation after pruning (issue 15's protocol), one command per part; each can also run a method at a
 time (``--methods``, or one ``--lrs`` rate with ``--score-val``; own ``--json``, ``--reuse`` the first part for its
@@ -72,6 +73,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from seftkit.bench.repair_compare_plot import plot_task_comparison
 from seftkit.bench.repair_compare_results import (
     SEFT_SETTINGS,
     combined_results,
@@ -92,6 +94,7 @@ from seftkit.bench.repair_compare_worker import (
 )
 from seftkit.data import DEFAULT_TRAIN_TEXT, parse_task_data
 from seftkit.errors import SeftkitError
+from seftkit.plot import check_plot_path
 from seftkit.repair.config import RepairConfig
 from seftkit.repair.registry import REPAIR_METHODS, build_method
 
@@ -199,16 +202,24 @@ def summary(run: dict[str, Any]) -> str:
     return ", ".join(scores + ([f"{run['step_time_s']:.2f} s/step"] if "step_time_s" in run else []))
 
 
-def print_combined(paths: list[Path]) -> None:
+def print_combined(paths: list[Path], plot: Path | None = None) -> None:
+    """Print the parts as one comparison; ``plot``: also draw it (task mode) to that PNG."""
+    if plot:
+        check_plot_path(plot)
     saved = combined_results(paths)
     args = saved["args"]
+    tasks = is_task_result(saved["pruned"])
+    if plot and not tasks:
+        raise ValueError("--plot draws a task-mode comparison; these results are text mode (perplexity)")
     for tag, changed in saved["variants"].items():
         print(f"SEFT {tag}: {changed} (the SEFT settings of {paths[0]} otherwise)")
-    if is_task_result(saved["pruned"]):
+    if tasks:
         print(format_task_report(saved["dense"], saved["pruned"], saved["sweep"], int(args["seed"]),
                                  args.get("select", "acc")))
     else:
         print(format_report(saved["dense"], saved["pruned"], saved["sweep"], int(args["seed"])))
+    if plot:
+        print(f"wrote {plot_task_comparison(saved, plot)}")
 
 
 def main() -> None:
@@ -262,14 +273,18 @@ def main() -> None:
     parser.add_argument("--combine", help="comma-separated --json results of one protocol, run in parts (e.g. a "
                         "method at a time): print them as one comparison and run nothing; the SEFT methods of a "
                         "file with other SEFT settings than the first's are shown as variants (seft v1, ...)")
+    parser.add_argument("--plot", type=Path, help="with --combine of task-mode results: also draw the comparison "
+                        "(gain over the pruned model with its interval, accuracy above chance per task) to this PNG")
     add_worker_options(parser)
     args = parser.parse_args()
     if serve_worker(args, worker):
         return
+    if args.plot and args.combine is None:
+        parser.error("--plot draws a --combine'd comparison; give --combine")
     if args.combine is not None:
         try:
-            print_combined([Path(p) for p in args.combine.split(",") if p.strip()])
-        except ValueError as exc:
+            print_combined([Path(p) for p in args.combine.split(",") if p.strip()], args.plot)
+        except (ValueError, SeftkitError) as exc:
             parser.error(str(exc))
         return
 

@@ -20,6 +20,7 @@ from seftkit.bench.repair_compare_results import (
 )
 
 REFERENCES = ("masked-lora", "static")
+SKILL_SUBSET = "dense above chance"
 
 
 def ratios(value: float, refs: dict[str, float], names: tuple[str, ...] = REFERENCES) -> str:
@@ -142,14 +143,20 @@ def format_task_report(dense: dict, pruned: dict, sweep: dict[str, list[dict[str
     and every task's margin over chance."""
     best = {method: pick_best(runs, select) for method, runs in sweep.items()}
     tasks = list(pruned["acc"])
-    skilled = above_chance(dense, tasks)
-    subsets = {"all tasks": tasks, **({"dense above chance": skilled} if skilled and skilled != tasks else {})}
+    subsets = task_subsets(dense, tasks)
+    skilled = subsets.get(SKILL_SUBSET)
     return "\n".join([*format_task_sweep(sweep, select), "", *format_task_table(dense, pruned, best, tasks, seed),
                       *format_task_seeds(best, tasks, seed),
                       *format_gain_over_pruned(dense, pruned, best, subsets, seed), *format_paired(best, tasks, seed),
                       *(format_paired(best, skilled, seed, "only the tasks the dense model answers above chance ("
-                                      + ", ".join(skilled) + ")") if len(subsets) > 1 else []),
+                                      + ", ".join(skilled) + ")") if skilled else []),
                       *format_chance_margins(dense, pruned, best, tasks, seed)])
+
+
+def task_subsets(dense: dict, tasks: list[str]) -> dict[str, list[str]]:
+    """All tasks, and the tasks the dense model answers above chance when that is fewer but not none."""
+    skilled = above_chance(dense, tasks)
+    return {"all tasks": tasks, **({SKILL_SUBSET: skilled} if skilled and skilled != tasks else {})}
 
 
 def margin_over_chance(acc: float, chance: float, n: int) -> tuple[float, float]:
@@ -252,40 +259,49 @@ def format_paired(best: dict[str, dict | None], tasks: list[str], seed: int, sub
     return lines
 
 
+def gains_over_pruned(dense: dict, pruned: dict, best: dict[str, dict | None], subsets: dict[str, list[str]],
+                      seed: int) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """Per row (the dense model, then each method) and subset of tasks: the row minus the pruned model in micro
+    accuracy, question by question, with its paired bootstrap interval (None without per-question outcomes).
+    The pruned model is deterministic, so it pairs with every seed of a method."""
+    rows = {"dense": {seed: dense}, **{m: seed_runs(r, seed) for m, r in best.items() if r}}
+    return {name: {subset: paired_bootstrap({s: pruned for s in runs}, runs, tasks)
+                   for subset, tasks in subsets.items()} for name, runs in rows.items()}
+
+
 def format_gain_over_pruned(dense: dict, pruned: dict, best: dict[str, dict | None], subsets: dict[str, list[str]],
                             seed: int) -> list[str]:
-    """Each method minus the pruned model in micro accuracy, question by question with the paired bootstrap
-    interval, per subset of tasks; the dense model's row is the gap a repair could close. The pruned model is
-    deterministic, so it pairs with every seed of a method."""
+    """The gains over the pruned model as a table; the dense model's row is the gap a repair could close."""
     lines = ["", "gain over the pruned model in held-out micro accuracy (the same paired bootstrap; * the 95% interval "
              "excludes 0):", f"  {'':<16}" + "".join(f"{name:>33}" for name in subsets)]
-    for name, runs in {"dense": {seed: dense}, **{m: seed_runs(r, seed) for m, r in best.items() if r}}.items():
-        cells = []
-        for tasks in subsets.values():
-            gain = paired_bootstrap({s: pruned for s in runs}, runs, tasks)
-            cells.append(f"{'no per-question outcomes':>33}" if gain is None else
-                         f"{gain['diff']:>+13.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
-                         + ("*" if gain["low"] > 0 or gain["high"] < 0 else " "))
+    for name, row in gains_over_pruned(dense, pruned, best, subsets, seed).items():
+        cells = [f"{'no per-question outcomes':>33}" if gain is None else
+                 f"{gain['diff']:>+13.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+                 + ("*" if gain["low"] > 0 or gain["high"] < 0 else " ") for gain in row.values()]
         lines.append(f"  {name:<16}" + "".join(cells))
     return lines
 
 
-def format_chance_margins(dense: dict, pruned: dict, best: dict[str, dict | None], tasks: list[str], seed: int
-                          ) -> list[str]:
-    """Each task's accuracy minus chance (methods: mean over seeds); ``*`` marks a margin above two standard
-    errors of that accuracy, the tasks a verdict can rest on."""
-    def cells(accs: dict[str, float]) -> str:
-        out = []
-        for t in tasks:
-            margin, se = margin_over_chance(accs[t], pruned["chance"][t], pruned["n"][t])
-            out.append(f"{margin:>+8.3f}{'*' if margin > 2 * se else ' '}")
-        return "".join(out)
-
-    lines = ["", "margin over chance (accuracy minus chance; * above two standard errors):",
-             f"  {'':<16}" + "".join(f"{t[:8]:>9}" for t in tasks),
-             f"  {'dense':<16}" + cells(dense["acc"]), f"  {'pruned':<16}" + cells(pruned["acc"])]
+def chance_margins(dense: dict, pruned: dict, best: dict[str, dict | None], tasks: list[str], seed: int
+                   ) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per row (dense, pruned, then each method's mean over seeds) and task: accuracy minus chance and that
+    accuracy's standard error."""
+    rows = {"dense": dense["acc"], "pruned": pruned["acc"]}
     for name, run in best.items():
         if run:
             runs = list(seed_runs(run, seed).values())
-            lines.append(f"  {name:<16}" + cells({t: sum(r["acc"][t] for r in runs) / len(runs) for t in tasks}))
+            rows[name] = {t: sum(r["acc"][t] for r in runs) / len(runs) for t in tasks}
+    return {name: {t: margin_over_chance(accs[t], pruned["chance"][t], pruned["n"][t]) for t in tasks}
+            for name, accs in rows.items()}
+
+
+def format_chance_margins(dense: dict, pruned: dict, best: dict[str, dict | None], tasks: list[str], seed: int
+                          ) -> list[str]:
+    """The margins over chance as a table; ``*`` marks a margin above two standard errors of that accuracy, the
+    tasks a verdict can rest on."""
+    lines = ["", "margin over chance (accuracy minus chance; * above two standard errors):",
+             f"  {'':<16}" + "".join(f"{t[:8]:>9}" for t in tasks)]
+    for name, row in chance_margins(dense, pruned, best, tasks, seed).items():
+        lines.append(f"  {name:<16}" + "".join(f"{margin:>+8.3f}{'*' if margin > 2 * se else ' '}"
+                                              for margin, se in row.values()))
     return lines

@@ -84,7 +84,8 @@ def check_plot_path(out: str | os.PathLike) -> None:
         raise SeftkitError(MISSING_MATPLOTLIB) from None
 
 
-def _figure(size: tuple[float, float]) -> Any:
+def new_figure(size: tuple[float, float]) -> Any:
+    """An empty figure of ``size`` inches on its own Agg canvas (pyplot's global state untouched)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -107,7 +108,7 @@ def save_png(figure: Any, out: str | os.PathLike) -> Path:
 
 def draw_repair(report: dict[str, Any]) -> Any:
     """Loss and learning rate per step, topology changes per SEFT boundary, revived weights per layer."""
-    figure = _figure(REPAIR_SIZE)
+    figure = new_figure(REPAIR_SIZE)
     figure.suptitle(_repair_title(report), fontsize=12)
     loss_ax, lr_ax, updates_ax, layers_ax = figure.subplots(2, 2).flat
     steps = [int(step) for step, _ in report["loss_curve"]]
@@ -227,7 +228,7 @@ def _revived_panel(ax: Any, report: dict[str, Any]) -> None:
 
 def draw_verify(report: dict[str, Any]) -> Any:
     """Per-layer sparsity (bars) with every weight as a dot (red when it fails), against the target line."""
-    figure = _figure(VERIFY_SIZE)
+    figure = new_figure(VERIFY_SIZE)
     ax = figure.subplots()
     per_layer = {int(index): totals for index, totals in report["per_layer"].items()}
     tensors = report["tensors"]

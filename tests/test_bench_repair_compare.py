@@ -437,3 +437,63 @@ def test_combined_parts_with_and_without_a_val_sweep_print_which_rates_were_not_
     sweep_lines = capsys.readouterr().out.split("\n\n")[0]
     assert "masked-lora     1e-02: 0.5000 [-1.000]" in sweep_lines
     assert "seft            3e-03: not scored (one rate)" in sweep_lines
+
+
+def _saved_task_comparison() -> dict:
+    """A combined task-mode result: the dense model has skill on piqa only; seft gains on boolq at seed 0."""
+    pruned = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})
+    dense = _task_run({"boolq": "10" * 20, "piqa": "1" * 36 + "0" * 4})
+    seft = _task_run({"boolq": "1" * 40, "piqa": "1" * 20 + "0" * 20},
+                     seeds=[{"seed": 1, **_task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})}])
+    same = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20}, lr=1e-2)
+    args = {**{k: str(v) for k, v in SETTINGS.items()}, "select": "acc"}
+    return {"args": args, "dense": dense, "pruned": pruned, "sweep": {"seft": [seft], "masked-lora": [same]},
+            "variants": {}}
+
+
+def test_the_task_picture_draws_the_tables_gains_and_margins():
+    from seftkit.bench.repair_compare_plot import draw_task_comparison
+
+    gain_ax, margin_ax = draw_task_comparison(_saved_task_comparison()).axes
+    points = [(line.get_xdata()[0], line.get_color()) for line in gain_ax.lines if line.get_marker() == "o"]
+    # all tasks (blue) for dense, seft, masked-lora, then piqa alone (orange): the table's gain cells
+    assert points == [(0.45, "tab:blue"), (0.25, "tab:blue"), (0.0, "tab:blue"),
+                      (0.4, "tab:orange"), (0.0, "tab:orange"), (0.0, "tab:orange")]
+    assert [t.get_text() for t in gain_ax.get_yticklabels()] == [
+        "dense", "seft\n(lr 1e-03, 2 seeds)", "masked-lora\n(lr 1e-02, 1 seed)"]
+    heights = [round(bar.get_height(), 3) for bar in margin_ax.patches]
+    # per row (dense, pruned, seft mean over seeds, masked-lora), boolq then piqa, accuracy minus 0.5
+    assert heights == [0.0, 0.4, -0.5, 0.0, 0.0, 0.0, -0.5, 0.0]
+    assert [t.get_text() for t in margin_ax.get_xticklabels()] == ["boolq", "piqa*"]
+
+
+def test_combine_plot_writes_a_png_and_refuses_what_it_cannot_draw(tmp_path, monkeypatch, capsys):
+    import matplotlib.image
+
+    from seftkit.bench import repair_compare
+    from seftkit.bench.repair_compare_plot import SIZE
+    from seftkit.plot import DPI
+
+    saved = _saved_task_comparison()
+    (tmp_path / "t.json").write_text(json.dumps({k: saved[k] for k in ("args", "dense", "pruned", "sweep")}))
+    monkeypatch.setattr("sys.argv", ["repair_compare", "--combine", str(tmp_path / "t.json"), "--plot",
+                                     str(tmp_path / "t.png")])
+    repair_compare.main()
+    assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 't.png'}\n")
+    assert matplotlib.image.imread(tmp_path / "t.png").shape[:2] == (SIZE[1] * DPI, SIZE[0] * DPI)
+
+    text = {"args": {k: str(v) for k, v in SETTINGS.items()}, "dense": {"test_ppl": 40.0},
+            "pruned": {"test_ppl": 790.0}, "sweep": {}}
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    for argv, message in (([str(tmp_path / "text.json"), "--plot", str(tmp_path / "x.png")],
+                           "--plot draws a task-mode comparison; these results are text mode"),
+                          ([str(tmp_path / "t.json"), "--plot", str(tmp_path / "x.jpg")],
+                           "the picture is a PNG; name it *.png"),
+                          (None, "--plot draws a --combine'd comparison; give --combine")):
+        monkeypatch.setattr("sys.argv", ["repair_compare", *(["--combine", *argv] if argv else
+                                                             ["--plot", str(tmp_path / "x.png")])])
+        with pytest.raises(SystemExit) as exit_:
+            repair_compare.main()
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and message in err[-1]
+    assert not list(tmp_path.glob("x.*"))
