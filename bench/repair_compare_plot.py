@@ -29,8 +29,9 @@ def draw_task_comparison(saved: dict[str, Any]) -> Any:
     gain_ax, margin_ax = figure.subplots(1, 2, width_ratios=(2, 3))
     _gain_panel(gain_ax, gains_over_pruned(dense, pruned, best, subsets, seed), best, seed)
     _margin_panel(margin_ax, chance_margins(dense, pruned, best, tasks, seed), subsets)
+    variants = "".join(f"\nSEFT {tag}: {changed}" for tag, changed in saved["variants"].items())
     figure.suptitle(f"{args['model']}, {args['prune_method']} {float(args['sparsity']):.0%}: repair on "
-                    f"{sum(pruned['n'].values()):,} held-out questions of {len(tasks)} tasks")
+                    f"{sum(pruned['n'].values()):,} held-out questions of {len(tasks)} tasks" + variants)
     return figure
 
 

@@ -454,7 +454,11 @@ def _saved_task_comparison() -> dict:
 def test_the_task_picture_draws_the_tables_gains_and_margins():
     from seftkit.bench.repair_compare_plot import draw_task_comparison
 
-    gain_ax, margin_ax = draw_task_comparison(_saved_task_comparison()).axes
+    saved = _saved_task_comparison()
+    figure = draw_task_comparison({**saved, "variants": {"v1": "keep_regrown=False"}})
+    assert figure.get_suptitle() == ("smollm2-135m, wanda 70%: repair on 80 held-out questions of 2 tasks\n"
+                                     "SEFT v1: keep_regrown=False")
+    gain_ax, margin_ax = draw_task_comparison(saved).axes
     points = [(line.get_xdata()[0], line.get_color()) for line in gain_ax.lines if line.get_marker() == "o"]
     # all tasks (blue) for dense, seft, masked-lora, then piqa alone (orange): the table's gain cells
     assert points == [(0.45, "tab:blue"), (0.25, "tab:blue"), (0.0, "tab:blue"),
