@@ -210,7 +210,8 @@ def print_combined(paths: list[Path], plot: Path | None = None) -> None:
     args = saved["args"]
     tasks = is_task_result(saved["pruned"])
     if plot and not tasks:
-        raise ValueError("--plot draws a task-mode comparison; these results are text mode (perplexity)")
+        raise ValueError("--plot draws a task-mode comparison; " + ("these results are text mode (perplexity)"
+                         if saved["pruned"] else "none of the files holds the pruned model's scores"))
     for tag, changed in saved["variants"].items():
         print(f"SEFT {tag}: {changed} (the SEFT settings of {paths[0]} otherwise)")
     if tasks:

@@ -447,27 +447,37 @@ def _saved_task_comparison() -> dict:
                      seeds=[{"seed": 1, **_task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})}])
     same = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20}, lr=1e-2)
     args = {**{k: str(v) for k, v in SETTINGS.items()}, "select": "acc"}
-    return {"args": args, "dense": dense, "pruned": pruned, "sweep": {"seft": [seft], "masked-lora": [same]},
-            "variants": {}}
+    no_outcomes = {k: v for k, v in same.items() if k != "correct"}  # a result saved before outcomes were
+    return {"args": args, "dense": dense, "pruned": pruned, "variants": {},
+            "sweep": {"seft": [seft], "masked-lora": [same], "static": [{"lr": 1e-4, "error": "diverged"}],
+                      "lora-prune": [no_outcomes]}}
 
 
 def test_the_task_picture_draws_the_tables_gains_and_margins():
     from seftkit.bench.repair_compare_plot import draw_task_comparison
+    from seftkit.bench.repair_compare_table import gains_over_pruned
 
     saved = _saved_task_comparison()
     figure = draw_task_comparison({**saved, "variants": {"v1": "keep_regrown=False"}})
     assert figure.get_suptitle() == ("smollm2-135m, wanda 70%: repair on 80 held-out questions of 2 tasks\n"
                                      "SEFT v1: keep_regrown=False")
     gain_ax, margin_ax = draw_task_comparison(saved).axes
-    points = [(line.get_xdata()[0], line.get_color()) for line in gain_ax.lines if line.get_marker() == "o"]
-    # all tasks (blue) for dense, seft, masked-lora, then piqa alone (orange): the table's gain cells
-    assert points == [(0.45, "tab:blue"), (0.25, "tab:blue"), (0.0, "tab:blue"),
-                      (0.4, "tab:orange"), (0.0, "tab:orange"), (0.0, "tab:orange")]
+    points = [(bar.lines[0].get_xdata()[0], bar.lines[0].get_ydata()[0], bar.lines[0].get_color(),
+               tuple(bar.lines[2][0].get_segments()[0][:, 0])) for bar in gain_ax.containers]
+    # all tasks (blue, above each row) for dense, seft, masked-lora, then piqa alone (orange, below): the table's
+    # gain cells and their intervals; lora-prune has no per-question outcomes, static no run
+    assert [p[:3] for p in points] == [(0.45, -0.15, "tab:blue"), (0.25, 0.85, "tab:blue"), (0.0, 1.85, "tab:blue"),
+                                       (0.4, 0.15, "tab:orange"), (0.0, 1.15, "tab:orange"),
+                                       (0.0, 2.15, "tab:orange")]
+    dense_all = gains_over_pruned(saved["dense"], saved["pruned"], {}, {"all": ["boolq", "piqa"]}, 0)["dense"]["all"]
+    assert points[0][3] == (dense_all["low"], dense_all["high"]) and dense_all["low"] < 0.45 < dense_all["high"]
     assert [t.get_text() for t in gain_ax.get_yticklabels()] == [
-        "dense", "seft\n(lr 1e-03, 2 seeds)", "masked-lora\n(lr 1e-02, 1 seed)"]
+        "dense", "seft\n(lr 1e-03, 2 seeds)", "masked-lora\n(lr 1e-02, 1 seed)",
+        "lora-prune\n(lr 1e-02, 1 seed; no per-question outcomes)"]
+    assert [t.get_text() for t in gain_ax.get_legend().get_texts()] == ["all tasks", "dense above chance"]
     heights = [round(bar.get_height(), 3) for bar in margin_ax.patches]
-    # per row (dense, pruned, seft mean over seeds, masked-lora), boolq then piqa, accuracy minus 0.5
-    assert heights == [0.0, 0.4, -0.5, 0.0, 0.0, 0.0, -0.5, 0.0]
+    # per row (dense, pruned, seft mean over seeds, masked-lora, lora-prune), boolq then piqa, accuracy minus 0.5
+    assert heights == [0.0, 0.4, -0.5, 0.0, 0.0, 0.0, -0.5, 0.0, -0.5, 0.0]
     assert [t.get_text() for t in margin_ax.get_xticklabels()] == ["boolq", "piqa*"]
 
 
@@ -489,8 +499,11 @@ def test_combine_plot_writes_a_png_and_refuses_what_it_cannot_draw(tmp_path, mon
     text = {"args": {k: str(v) for k, v in SETTINGS.items()}, "dense": {"test_ppl": 40.0},
             "pruned": {"test_ppl": 790.0}, "sweep": {}}
     (tmp_path / "text.json").write_text(json.dumps(text))
+    (tmp_path / "seft-only.json").write_text(json.dumps({**text, "dense": None, "pruned": None}))
     for argv, message in (([str(tmp_path / "text.json"), "--plot", str(tmp_path / "x.png")],
                            "--plot draws a task-mode comparison; these results are text mode"),
+                          ([str(tmp_path / "seft-only.json"), "--plot", str(tmp_path / "x.png")],
+                           "none of the files holds the pruned model's scores"),
                           ([str(tmp_path / "t.json"), "--plot", str(tmp_path / "x.jpg")],
                            "the picture is a PNG; name it *.png"),
                           (None, "--plot draws a --combine'd comparison; give --combine")):
