@@ -78,8 +78,8 @@ def _gain_label(name: str, runs: dict[int, dict[str, Any]] | None, gains: dict[s
 def _margin_panel(ax: Any, margins: dict[str, dict[str, tuple[float, float]]], subsets: dict[str, list[str]]
                   ) -> None:
     rows = list(margins)
-    tasks = subsets["all tasks"]
-    skilled = set(subsets.get(SKILL_SUBSET, tasks))
+    tasks = list(margins["pruned"])
+    skilled = subsets.get(SKILL_SUBSET, [])  # present only when the dense model's skill is on some tasks, not all
     width = 0.8 / len(rows)
     method_colors = itertools.cycle(METHOD_COLORS)
     for i, name in enumerate(rows):
@@ -87,11 +87,10 @@ def _margin_panel(ax: Any, margins: dict[str, dict[str, tuple[float, float]]], s
         errors = [2 * margins[name][t][1] for t in tasks]
         ax.bar([x + (i - (len(rows) - 1) / 2) * width for x in range(len(tasks))], values, width, yerr=errors,
                color=REFERENCE_COLORS.get(name) or next(method_colors), label=name, error_kw={"linewidth": 0.6})
-    ax.set_xticks(range(len(tasks)), [f"{t}*" if t in skilled and len(skilled) < len(tasks) else t for t in tasks],
-                  rotation=20)
+    ax.set_xticks(range(len(tasks)), [f"{t}*" if t in skilled else t for t in tasks], rotation=20)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_ylabel("accuracy minus chance (methods: mean over seeds)")
-    ax.set_title("per task, +-2 standard errors" + (" (* the dense model is above chance)"
-                                                    if len(skilled) < len(tasks) else ""), fontsize="medium")
+    ax.set_title("per task, +-2 standard errors" + (" (* the dense model is above chance)" if skilled else ""),
+                 fontsize="medium")
     ax.legend(fontsize="small", ncols=2)
     ax.grid(axis="y", alpha=0.3)

@@ -447,7 +447,7 @@ def _saved_task_comparison() -> dict:
                      seeds=[{"seed": 1, **_task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20})}])
     same = _task_run({"boolq": "0" * 40, "piqa": "1" * 20 + "0" * 20}, lr=1e-2)
     args = {**{k: str(v) for k, v in SETTINGS.items()}, "select": "acc"}
-    no_outcomes = {k: v for k, v in same.items() if k != "correct"}  # a result saved before outcomes were
+    no_outcomes = {k: v for k, v in same.items() if k != "correct"}  # as saved before per-question outcomes were
     return {"args": args, "dense": dense, "pruned": pruned, "variants": {},
             "sweep": {"seft": [seft], "masked-lora": [same], "static": [{"lr": 1e-4, "error": "diverged"}],
                       "lora-prune": [no_outcomes]}}
